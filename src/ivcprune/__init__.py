@@ -1,0 +1,35 @@
+"""ivcprune: IVC-Prune visual token pruning for vision-language models on stock transformers.
+
+    from ivcprune import IVCPrune
+    pruner = IVCPrune(layer=16, budget=0.5)
+    with pruner(model):
+        out = model.generate(**inputs, max_new_tokens=128)
+    pruner.last_report
+"""
+
+from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from .methods import IVCPrune, PruningMethod, RandomPrune, make_method
+from .presets import Preset, preset_for
+from .report import PruneReport, SpanReport
+from .runtime import BatchSizeError, SpanInput, SpanSelection, UnsupportedCacheError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IVCPrune",
+    "RandomPrune",
+    "PruningMethod",
+    "make_method",
+    "PruneReport",
+    "SpanReport",
+    "SpanInput",
+    "SpanSelection",
+    "Preset",
+    "preset_for",
+    "get_adapter",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedModelError",
+    "UnsupportedCacheError",
+    "BatchSizeError",
+    "__version__",
+]

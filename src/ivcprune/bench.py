@@ -1,0 +1,368 @@
+"""Measuring pruned vs unpruned generation in one run: prefill latency, decode ms/token, peak memory,
+KV-cache bytes, and the FLOP-limited expectation for the configuration."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .methods import PruningMethod
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StepClock(LogitsProcessor):
+    """Timestamps every generation step (called right after each forward pass)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+class _PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or the process's peak RSS on CPU
+    (Linux ``/proc/self/clear_refs`` resets the high-water mark)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = _proc_status("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.peak = max(0, _proc_status("VmHWM") - self.base)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(key)
+
+
+def kv_cache_bytes(cache) -> tuple[int, int]:
+    """(bytes, tokens) held by a DynamicCache over all layers."""
+    total, tokens = 0, 0
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "keys", None) is None:
+            continue
+        total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        tokens = max(tokens, layer.keys.shape[-2])
+    return total, tokens
+
+
+@dataclass
+class GenerationRun:
+    """One timed generate call."""
+
+    tokens: list[int]
+    prefill_s: float  # forward of the whole prompt, vision encoder included
+    vision_s: float
+    decode_ms_per_token: float | None
+    new_tokens: int
+    kv_bytes_prompt: int  # KV cache right after prefill, all layers
+    kv_tokens_prompt: int
+    peak_memory_bytes: int | None
+    report: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _visual_module(model):
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None)
+
+
+def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tokens: int = 32,
+                     force_length: bool = True, **gen_kwargs) -> GenerationRun:
+    """Run ``model.generate`` (pruned by ``method`` if given) and time its parts."""
+    device = next(model.parameters()).device
+    clock = _StepClock(device)
+    vision_times: list[float] = []
+    visual = _visual_module(model)
+    handles = []
+    if visual is not None:
+
+        def vision_start(module, args):
+            _sync(device)
+            vision_times.append(-time.perf_counter())
+
+        def vision_end(module, args, output):
+            _sync(device)
+            vision_times.append(time.perf_counter())
+
+        handles += [visual.register_forward_pre_hook(vision_start), visual.register_forward_hook(vision_end)]
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    if force_length:
+        kw["min_new_tokens"] = max_new_tokens
+    kw.update(gen_kwargs)
+    kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), clock])
+    ctx = method(model) if method is not None else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), _PeakMemory(device) as mem, ctx:
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    prompt_len = inputs["input_ids"].shape[1]
+    new = out.sequences[0, prompt_len:].tolist()
+    stamps = clock.stamps
+    decode = None
+    if len(stamps) > 1:
+        decode = 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    kv_bytes, kv_tokens = kv_cache_bytes(out.past_key_values)
+    fed_after_prefill = max(0, len(new) - 1)
+    prompt_tokens = kv_tokens - fed_after_prefill
+    per_token = kv_bytes / kv_tokens if kv_tokens else 0
+    vision = sum(vision_times)
+    return GenerationRun(
+        tokens=new,
+        prefill_s=stamps[0] - t0 if stamps else float("nan"),
+        vision_s=vision,
+        decode_ms_per_token=decode,
+        new_tokens=len(new),
+        kv_bytes_prompt=int(round(per_token * prompt_tokens)),
+        kv_tokens_prompt=prompt_tokens,
+        peak_memory_bytes=mem.peak,
+        report=method.last_report.to_dict() if method is not None and method.last_report is not None else None,
+    )
+
+
+# -- FLOP model ---------------------------------------------------------------------------------
+def llm_flops(config, seq_lens: list[int]) -> float:
+    """Prefill FLOPs of the decoder when layer ``i`` runs on ``seq_lens[i]`` tokens (causal attention)."""
+    t = config.get_text_config()
+    h = t.hidden_size
+    hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
+    q_dim, kv_dim = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    per_token_linear = 2 * (h * q_dim + 2 * h * kv_dim + q_dim * h + 3 * h * t.intermediate_size)
+    total = 0.0
+    for n in seq_lens:
+        total += n * per_token_linear + 2 * n * (n + 1) * q_dim  # QK^T and AV over the causal half
+    return total
+
+
+def expected_ratios(config, seq_len: int, kept_len: int, layer: int, context_extra: int = 0) -> dict[str, float]:
+    """FLOP-limited expectation: prefill FLOP ratio of the LLM, and decode attention/KV ratio."""
+    n = config.get_text_config().num_hidden_layers
+    full = llm_flops(config, [seq_len] * n)
+    pruned = llm_flops(config, [seq_len] * layer + [kept_len] * (n - layer))
+    return {
+        "llm_prefill_flop_ratio": pruned / full,
+        "kv_ratio": (kept_len + context_extra) / (seq_len + context_extra),
+    }
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _image_inputs(model, processor, image_tokens: int, prompt: str, device):
+    """Inputs with one image of ``image_tokens`` visual tokens (after merging)."""
+    from .models import synthetic_inputs
+
+    if processor is None:
+        inputs, grid = synthetic_inputs(model.config, image_tokens, device=device)
+        return inputs, grid
+    import numpy as np
+    from PIL import Image
+
+    from .inputs import build_inputs, user_message
+
+    merge = model.config.vision_config.spatial_merge_size
+    px = model.config.vision_config.patch_size * merge
+    gh = max(1, int(image_tokens**0.5))
+    while image_tokens % gh:
+        gh -= 1
+    gw = image_tokens // gh
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (gh * px, gw * px, 3), dtype=np.uint8))
+    pixels = gh * gw * px * px
+    msgs = user_message(prompt, [img], min_pixels=pixels, max_pixels=pixels)
+    inputs, _ = build_inputs(processor, msgs)
+    return inputs.to(device), (gh, gw)
+
+
+def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int], new_tokens: int = 32,
+              repeats: int = 5, warmup: int = 1, prompt: str = "Describe the image in detail.",
+              model_name: str = "", progress: bool = True) -> dict[str, Any]:
+    """Unpruned vs pruned, interleaved, medians over ``repeats``; returns a JSON-able dict."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    rows = []
+    total = len(image_tokens) * (warmup + repeats) * 2
+    bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
+    for n_img in image_tokens:
+        inputs, grid = _image_inputs(model, processor, n_img, prompt, device)
+        runs: dict[str, list[GenerationRun]] = {"unpruned": [], "pruned": []}
+        for i in range(warmup + repeats):
+            for name, m in (("unpruned", None), ("pruned", method)):
+                r = measure_generate(model, inputs, m, max_new_tokens=new_tokens)
+                if i >= warmup:
+                    runs[name].append(r)
+                bar.update(1)
+        rep = runs["pruned"][-1].report or {}
+        seq_len = inputs["input_ids"].shape[1]
+        kept_len = rep.get("kept_len", seq_len)
+        layer = rep.get("layer") or 0
+        row: dict[str, Any] = {
+            "image_tokens": n_img,
+            "grid": list(grid),
+            "seq_len": seq_len,
+            "kept_len": kept_len,
+            "visual_kept": rep.get("visual_kept"),
+            "layer": layer,
+            "selection_ms": _median([(r.report or {}).get("selection_ms") for r in runs["pruned"]]),
+        }
+        for name, rs in runs.items():
+            row[name] = {
+                "prefill_s": _median([r.prefill_s for r in rs]),
+                "vision_s": _median([r.vision_s for r in rs]),
+                "llm_prefill_s": _median([r.prefill_s - r.vision_s for r in rs]),
+                "decode_ms_per_token": _median([r.decode_ms_per_token for r in rs]),
+                "peak_memory_bytes": _median([r.peak_memory_bytes for r in rs]),
+                "kv_bytes": _median([r.kv_bytes_prompt for r in rs]),
+                "same_tokens_as_unpruned": None,
+            }
+        row["pruned"]["same_tokens_as_unpruned"] = runs["pruned"][-1].tokens == runs["unpruned"][-1].tokens
+        u, p = row["unpruned"], row["pruned"]
+        row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None)
+                         for k in ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "peak_memory_bytes", "kv_bytes")}
+        row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
+        rows.append(row)
+    bar.close()
+    return {
+        "model": model_name,
+        "device": _device_name(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attn_implementation": model.config._attn_implementation,
+        "method": describe(method.last_report.config if method.last_report else {}),
+        "config": (method.last_report.config if method.last_report else {}),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def describe(config: dict[str, Any]) -> str:
+    """Short description of a resolved method configuration, e.g. ``ivc K=16 budget=0.5 rule=fill``."""
+    if not config:
+        return "none"
+    parts = [config.get("method", "?"), f"K={config.get('layer')}"]
+    if config.get("rule") == "union":
+        parts.append(f"union(fg={config.get('foreground_ratio')})")
+    elif config.get("budget_tokens"):
+        parts.append(f"budget={config['budget_tokens']} tokens")
+    else:
+        parts.append(f"budget={config.get('budget')}")
+    if config.get("ablation"):
+        parts.append(config["ablation"])
+    return " ".join(parts)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(b) < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def _r(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    """The benchmark as a markdown table (pruned / unpruned ratios measured in one run)."""
+    head = (
+        f"Model `{result['model']}` on {result['device']}, {result['dtype']}, {result['attn_implementation']}; "
+        f"{result['method']}; {result['new_tokens']} new tokens; medians of {result['repeats']} runs.\n\n"
+        "| visual tokens | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
+        "| decode ms/tok | ratio | peak mem | ratio | KV cache | ratio | selection ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in result["rows"]:
+        u, p, q = r["unpruned"], r["pruned"], r["ratios"]
+        lines.append(
+            f"| {r['image_tokens']} | {r['seq_len']} → {r['kept_len']} "
+            f"| {_r(u['llm_prefill_s'], 3)} → {_r(p['llm_prefill_s'], 3)} | {_r(q['llm_prefill_s'])} "
+            f"| {_r(r['expected']['llm_prefill_flop_ratio'])} "
+            f"| {_r(u['prefill_s'], 3)} → {_r(p['prefill_s'], 3)} | {_r(q['prefill_s'])} "
+            f"| {_r(u['decode_ms_per_token'], 1)} → {_r(p['decode_ms_per_token'], 1)} | {_r(q['decode_ms_per_token'])} "
+            f"| {_fmt_bytes(u['peak_memory_bytes'])} → {_fmt_bytes(p['peak_memory_bytes'])} | {_r(q['peak_memory_bytes'])} "
+            f"| {_fmt_bytes(u['kv_bytes'])} → {_fmt_bytes(p['kv_bytes'])} | {_r(q['kv_bytes'])} "
+            f"| {_r(r['selection_ms'], 1)} |"
+        )
+    notes = (
+        "\n\nLLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
+        "(layers before K are not reduced). Peak memory = rise above the level before generate (CUDA "
+        "allocator, or the process's peak RSS on CPU). KV cache = all layers, after prefill. selection ms = "
+        "time to choose the kept tokens (one decoder layer of unpruned prefill takes about "
+        + ", ".join(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"])
+        + " here)."
+    )
+    return head + "\n".join(lines) + notes
+
+
+def save_bench(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / "bench.json", out / "bench.md"
+    j.write_text(json.dumps(result, indent=2))
+    m.write_text(bench_markdown(result) + "\n")
+    return j, m
+
+
+__all__ = ["measure_generate", "run_bench", "bench_markdown", "save_bench", "expected_ratios", "llm_flops",
+           "kv_cache_bytes", "GenerationRun"]

@@ -1,0 +1,194 @@
+"""``ivcprune`` command line: generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from . import __version__
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="local checkpoint path, hub id, or random:NAME (random weights, e.g. random:qwen2.5-vl-7b)")
+    g.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16, float32")
+    g.add_argument("--attn", default=None, choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention implementation (default: transformers' choice)")
+    g.add_argument("--device-map", default=None, help="e.g. auto, cuda, cpu (default: cuda if available, else cpu)")
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="random:NAME models only: override a text config field (or vision.FIELD)")
+
+
+def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc") -> None:
+    g = p.add_argument_group("pruning (unset knobs take the model's paper preset)")
+    g.add_argument("--method", default=default, choices=["ivc", "random", "none"])
+    g.add_argument("--layer", type=int, default=None, help="K: prune before this decoder layer")
+    g.add_argument("--budget", type=float, default=None, help="fraction of each image's tokens kept, in (0, 1]")
+    g.add_argument("--budget-tokens", type=int, default=None, help="tokens kept per image (instead of --budget)")
+    g.add_argument("--ivc-ratio", type=float, default=None)
+    g.add_argument("--seed-ratio", type=float, default=None)
+    g.add_argument("--rule", choices=["fill", "union"], default=None)
+    g.add_argument("--foreground-ratio", type=float, default=None)
+    g.add_argument("--ivc-statistic", choices=["authors", "applied"], default=None)
+    g.add_argument("--ablation", choices=["no_ivc", "no_foreground", "ivc_only"], default=None)
+    g.add_argument("--random-seed", type=int, default=None, help="seed of --method random")
+
+
+def _method_from_args(args):
+    from .methods import make_method
+
+    common = dict(layer=args.layer, budget=args.budget, budget_tokens=args.budget_tokens)
+    if args.method == "ivc":
+        return make_method("ivc", **common, ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
+                           foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic,
+                           ablation=args.ablation)
+    if args.method == "random":
+        return make_method("random", **common, seed=args.random_seed)
+    return None
+
+
+def _load(args):
+    import torch
+
+    from .models import load_model, parse_overrides
+
+    device_map = args.device_map or ("cuda" if torch.cuda.is_available() else None)
+    overrides = parse_overrides(args.overrides)
+    if overrides and not args.model.startswith("random:"):
+        raise SystemExit("--set only applies to random:NAME models")
+    return load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device_map=device_map,
+                      overrides=overrides)
+
+
+def _fmt_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def cmd_generate(args) -> int:
+    from .bench import _fmt_bytes, measure_generate
+    from .inputs import build_inputs, user_message
+
+    method = _method_from_args(args)
+    model, processor = _load(args)
+    if processor is None:
+        raise SystemExit("random:NAME models have no tokenizer or processor; use `ivcprune bench` with them")
+    for path in args.image:
+        if not os.path.exists(path) and not path.startswith(("http://", "https://", "data:")):
+            raise SystemExit(f"image not found: {path}")
+    msgs = user_message(args.prompt, args.image, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    inputs, _ = build_inputs(processor, msgs)
+    inputs = inputs.to(next(model.parameters()).device)
+    gen: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, force_length=False)
+    if args.do_sample:
+        gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        import torch
+
+        torch.manual_seed(args.seed)
+    variants = [("unpruned", None)] if (method is None or args.compare) else []
+    if method is not None:
+        variants.append((method.name, method))
+    results = {}
+    for name, m in variants:
+        run = measure_generate(model, inputs, m, **gen)
+        answer = processor.decode(run.tokens, skip_special_tokens=True)
+        results[name] = (run, answer)
+    if args.json:
+        out = {name: {"answer": ans, "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token,
+                      "new_tokens": r.new_tokens, "kv_bytes": r.kv_bytes_prompt, "kv_tokens": r.kv_tokens_prompt,
+                      "report": r.report} for name, (r, ans) in results.items()}
+        print(json.dumps(out, indent=2))
+        return 0
+    if len(results) == 1:
+        (name, (run, answer)), = results.items()
+        print(answer)
+        if run.report is not None:
+            print()
+            print(method.last_report.summary())
+        return 0
+    names = list(results)
+    print(_fmt_row([""] + names))
+    print("|" + "---|" * (len(names) + 1))
+    rows = [
+        ("answer", lambda r, a: a),
+        ("prefill s", lambda r, a: f"{r.prefill_s:.3f}"),
+        ("decode ms/token", lambda r, a: "n/a" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.1f}"),
+        ("KV cache (prompt)", lambda r, a: f"{_fmt_bytes(r.kv_bytes_prompt)} ({r.kv_tokens_prompt} tokens)"),
+        ("visual tokens kept", lambda r, a: "all" if r.report is None else
+            f"{r.report['visual_kept']}/{r.report['visual_tokens']}"),
+    ]
+    for label, fn in rows:
+        print(_fmt_row([label] + [fn(*results[n]) for n in names]))
+    if method is not None and method.last_report is not None:
+        print()
+        print(method.last_report.summary())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_markdown, run_bench, save_bench
+    from .methods import IVCPrune
+
+    method = _method_from_args(args) if args.method != "none" else None
+    if method is None:
+        method = IVCPrune()
+    model, processor = _load(args)
+    result = run_bench(model, processor, method, image_tokens=args.image_tokens, new_tokens=args.new_tokens,
+                       repeats=args.repeats, warmup=args.warmup, model_name=args.model, progress=not args.json)
+    if args.out:
+        j, m = save_bench(result, args.out)
+        print(f"wrote {j} and {m}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else bench_markdown(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivcprune", description="IVC-Prune visual token pruning for VLMs")
+    parser.add_argument("--version", action="version", version=f"ivcprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about images, pruned (and unpruned with --compare)")
+    _add_model_args(g)
+    _add_method_args(g)
+    g.add_argument("--image", action="append", required=True, help="image path or URL (repeat for several)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--min-pixels", type=int, default=None)
+    g.add_argument("--max-pixels", type=int, default=None)
+    g.add_argument("--compare", action="store_true", help="also run unpruned and compare side by side")
+    g.add_argument("--json", action="store_true", help="print JSON instead of text")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="unpruned vs pruned: prefill, decode, memory, KV cache, FLOP expectation")
+    _add_model_args(b)
+    _add_method_args(b)
+    b.add_argument("--image-tokens", type=int, nargs="+", default=[1024],
+                   help="visual tokens per image after merging (one or more sizes)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (forced length)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--out", default=None, help="directory for bench.json and bench.md")
+    b.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"ivcprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

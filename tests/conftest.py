@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny Qwen-VL models built from real transformers configs (random weights) and
+prompts with images / videos laid out exactly as the Qwen-VL processor lays them out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ivcprune.tiny import TOKEN_IDS, tiny_model
+
+FAMILIES = {"qwen2_5_vl": "tiny-qwen2.5-vl", "qwen2_vl": "tiny-qwen2-vl"}
+
+IMG = TOKEN_IDS["image_token_id"]
+VID = TOKEN_IDS["video_token_id"]
+VS = TOKEN_IDS["vision_start_token_id"]
+VE = TOKEN_IDS["vision_end_token_id"]
+
+
+def make_model(family: str = "qwen2_5_vl", attn: str = "sdpa", layers: int = 4, seed: int = 0):
+    # init_std well above the default so that random models have peaked, input-dependent outputs
+    return tiny_model(FAMILIES[family], seed=seed, init_std=0.15, overrides={"num_hidden_layers": layers},
+                      attn_implementation=attn)
+
+
+def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9, seed=0):
+    """Prompt ``text_before`` + for each medium ``<vs> pad*N <ve>`` + ``text_after`` tokens.
+
+    ``media`` items are ``(kind, t, h, w)`` in patches (before the 2x2 merge)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vc = cfg.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    ids = torch.randint(3, 250, (text_before,), generator=g).tolist()
+    pix, vpix, grids, vgrids = [], [], [], []
+    for kind, t, h, w in media:
+        n = t * h * w // 4
+        ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
+        ids += torch.randint(3, 250, (2,), generator=g).tolist()
+        (pix if kind == "image" else vpix).append(torch.randn(t * h * w, patch_dim, generator=g))
+        (grids if kind == "image" else vgrids).append([t, h, w])
+    ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
+    input_ids = torch.tensor([ids])
+    mm = torch.zeros_like(input_ids, dtype=torch.int32)
+    mm[input_ids == IMG] = 1
+    mm[input_ids == VID] = 2
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": mm}
+    if pix:
+        out["pixel_values"] = torch.cat(pix)
+        out["image_grid_thw"] = torch.tensor(grids)
+    if vpix:
+        out["pixel_values_videos"] = torch.cat(vpix)
+        out["video_grid_thw"] = torch.tensor(vgrids)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen25():
+    return make_model("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen2():
+    return make_model("qwen2_vl")

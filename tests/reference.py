@@ -1,0 +1,147 @@
+"""Independent references the tests compare against.
+
+``masked_reference``: the *unpruned* model where pruned prompt tokens are only masked out as keys —
+from layer K on during prefill, at every layer while decoding. Nothing is cut, no position changes.
+Pruned-and-cut must give the same logits for the kept tokens and the same decode steps.
+
+``reference_selection``: the selection rules of METHOD.md written again with Python loops and
+float64 math, from the unpruned model's hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+@contextlib.contextmanager
+def masked_reference(model, keep: torch.Tensor, layer: int):
+    """Within the block, ``model`` masks prompt positions not in ``keep`` (sorted prompt positions) as keys
+    from decoder layer ``layer`` on (prefill) and at every layer for later tokens (decode)."""
+    lm = model.model.language_model
+    prompt_len = None
+
+    def pre(idx):
+        def hook(module, args, kwargs):
+            nonlocal prompt_len
+            hidden = args[0] if args else kwargs["hidden_states"]
+            q = hidden.shape[1]
+            cache = kwargs.get("past_key_values")
+            past = cache.layers[idx].get_seq_length() if cache is not None and len(cache.layers) > idx else 0
+            kv = past + q
+            if past == 0:
+                prompt_len = q
+            key_ok = torch.ones(kv, dtype=torch.bool)
+            prompt_keep = torch.zeros(prompt_len, dtype=torch.bool)
+            prompt_keep[keep] = True
+            is_prefill = past == 0
+            if not is_prefill or idx >= layer:
+                key_ok[:prompt_len] = prompt_keep
+            rows = torch.arange(past, past + q)[:, None]
+            cols = torch.arange(kv)[None, :]
+            allowed = (cols <= rows) & key_ok[None, :]
+            dtype = hidden.dtype
+            mask = torch.zeros(1, 1, q, kv, dtype=dtype)
+            mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        return hook
+
+    handles = [layer_mod.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer_mod in enumerate(lm.layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rank(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def _round_half_even(x: float) -> int:
+    return int(round(x))
+
+
+def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ratio=0.01, rule="fill",
+                        fg_ratio=0.4, query_offset=2):
+    """Per span: dict(ivc_cos=set, ivc_sin=set, seed=set, kept=set) of prompt positions."""
+    cfg = model.config
+    text = cfg.get_text_config()
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        pos, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+        )
+        dec = model.model.language_model.layers[layer - 1]
+        v = dec.self_attn.v_proj(dec.input_layernorm(out.hidden_states[layer - 1]))[0]
+    head_dim = text.hidden_size // text.num_attention_heads
+    H = text.num_key_value_heads
+    v = v.double().view(v.shape[0], H, head_dim)
+    theta_base = text.rope_parameters["rope_theta"]
+    thetas = [theta_base ** (-(2 * j) / head_dim) for j in range(head_dim // 2)]
+    ids = inputs["input_ids"][0].tolist()
+    visual = [t in (cfg.image_token_id, cfg.video_token_id) for t in ids]
+    spans, i = [], 0
+    while i < len(ids):
+        if visual[i]:
+            j = i
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            spans.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    results = []
+    for s, L in spans:
+        pts = [[int(pos[a, 0, s + k]) for a in range(3)] for k in range(L)]
+        cos_s = [math.fsum(math.fsum(math.cos(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3 for p in pts]
+        sin_s = [math.fsum(math.fsum(math.sin(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3 for p in pts]
+        n_ivc = _round_half_even(ivc_ratio * L)
+        ivc_cos = _rank(cos_s)[:n_ivc]
+        ivc_sin = _rank(sin_s)[:n_ivc]
+        queries = [q for q in range(s + L + query_offset, len(ids)) if not visual[q]]
+
+        def row(qvec):
+            out_row = [0.0] * L
+            for h in range(H):
+                logits = [float(qvec[h] @ v[s + k, h]) / math.sqrt(head_dim) for k in range(L)]
+                m = max(logits)
+                ex = [math.exp(x - m) for x in logits]
+                z = math.fsum(ex)
+                for k in range(L):
+                    out_row[k] += ex[k] / z / H
+            return out_row
+
+        text_rows = [row(v[q]) for q in queries]
+        stage1 = [math.fsum(r[k] for r in text_rows) / len(text_rows) for k in range(L)]
+        n_seed = max(1, _round_half_even(seed_ratio * L))
+        seeds = _rank(stage1)[:n_seed]
+        rows = text_rows + [row(v[s + k]) for k in seeds]
+        fg = [math.fsum(r[k] for r in rows) / len(rows) for k in range(L)]
+        priority = set(ivc_cos) | set(ivc_sin) | set(seeds)
+        if rule == "fill":
+            target = max(1, _round_half_even(budget * L))
+            kept = set(priority)
+            for k in _rank(fg):
+                if len(kept) >= target:
+                    break
+                kept.add(k)
+        else:
+            kept = priority | set(_rank(fg)[: _round_half_even(fg_ratio * L)])
+        results.append(
+            dict(
+                start=s,
+                length=L,
+                ivc_cos={s + k for k in ivc_cos},
+                ivc_sin={s + k for k in ivc_sin},
+                seed={s + k for k in seeds},
+                kept={s + k for k in kept},
+                fg_scores=fg,
+            )
+        )
+    return results

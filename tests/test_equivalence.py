@@ -1,0 +1,280 @@
+"""Pruned-and-cut == the unpruned model with pruned tokens masked as keys (an independent reference),
+for prefill logits and every decode step; KV lengths and positions; budget=1.0 is the identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_inputs, make_model
+from reference import masked_reference
+
+from ivcprune import IVCPrune, RandomPrune
+
+ATOL = 2e-4
+
+CASES = [
+    ("qwen2_5_vl", "sdpa"),
+    ("qwen2_5_vl", "eager"),
+    ("qwen2_vl", "sdpa"),
+    ("qwen2_vl", "eager"),
+]
+
+
+def _generate(model, inputs, n=6, **kw):
+    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("family,attn", CASES)
+@pytest.mark.parametrize("method", ["ivc", "random"])
+def test_prefill_and_decode_match_masked_reference(family, attn, method):
+    model = make_model(family, attn=attn)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5) if method == "ivc" else RandomPrune(layer=K, budget=0.3, seed=3)
+    with torch.no_grad(), pruner(model):
+        pruned_prefill = model(**inputs).logits[0]
+        report = pruner.last_report
+        pruned = _generate(model, inputs)
+    keep = report.kept
+    S = inputs["input_ids"].shape[1]
+    assert report.pruned and keep.numel() < S
+    assert pruned_prefill.shape[0] == keep.numel()
+    with torch.no_grad(), masked_reference(model, keep, K):
+        ref_prefill = model(**inputs).logits[0]
+        ref = _generate(model, inputs)
+    torch.testing.assert_close(pruned_prefill, ref_prefill[keep], atol=ATOL, rtol=1e-4)
+    assert torch.equal(pruned.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(pruned.logits, ref.logits)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=f"decode step {step}")
+    # ...and the pruning matters: the unpruned model gives different logits.
+    with torch.no_grad():
+        full = model(**inputs).logits[0]
+    assert (full[-1] - pruned_prefill[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_kv_cache_of_every_layer_is_cut(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),))
+    n = 5
+    pruner = IVCPrune(layer=2, budget=0.25)
+    with torch.no_grad(), pruner(model):
+        out = _generate(model, inputs, n=n)
+    kept = pruner.last_report.kept.numel()
+    S = inputs["input_ids"].shape[1]
+    cache = out.past_key_values
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    # the last generated token is never fed back, hence n - 1
+    assert lengths == [kept + n - 1] * len(cache.layers)
+    assert all(layer.values.shape[-2] == kept + n - 1 for layer in cache.layers)
+    assert kept < S
+    assert cache.get_seq_length() == kept + n - 1
+
+
+def _positions_seen(model, fn):
+    seen = []
+    h = model.model.language_model.rotary_emb.register_forward_pre_hook(
+        lambda m, args: seen.append(args[1].clone())
+    )
+    try:
+        fn()
+    finally:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_generated_tokens_get_unpruned_positions(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),))
+    pruner = IVCPrune(layer=2, budget=0.5)
+    with torch.no_grad():
+        base = _positions_seen(model, lambda: _generate(model, inputs, n=5))
+        with pruner(model):
+            pruned = _positions_seen(model, lambda: _generate(model, inputs, n=5))
+    assert len(base) == len(pruned) == 5
+    for a, b in zip(base, pruned):
+        assert torch.equal(a, b)
+    # decode positions continue after the last prompt position (text + rope delta), not after the cut cache
+    S = inputs["input_ids"].shape[1]
+    last_prompt = base[0][..., -1]
+    assert torch.equal(pruned[1][..., 0], last_prompt + 1)
+    assert pruner.last_report.kept.numel() < S
+
+
+def test_kept_tokens_keep_their_original_rotary_embeddings(qwen25):
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["pe"] = kwargs["position_embeddings"]
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    with torch.no_grad():
+        lm = qwen25.model.language_model
+        full_pe = {}
+
+        def grab_full(module, args, kwargs):
+            full_pe["pe"] = kwargs["position_embeddings"]
+
+        h0 = lm.layers[K].register_forward_pre_hook(grab_full, with_kwargs=True)
+        qwen25(**inputs)
+        h0.remove()
+        with pruner(qwen25):
+            h = lm.layers[K].register_forward_pre_hook(grab, with_kwargs=True)  # runs after the pruner's hook
+            qwen25(**inputs)
+            h.remove()
+    keep = pruner.last_report.kept
+    for cut, full in zip(captured["pe"], full_pe["pe"]):
+        assert torch.equal(cut, full[:, keep])
+    assert captured["hidden"].shape[1] == keep.numel()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_budget_one_changes_nothing(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),))
+    with torch.no_grad():
+        base = _generate(model, inputs, n=6)
+        pruner = IVCPrune(layer=2, budget=1.0)
+        with pruner(model):
+            same = _generate(model, inputs, n=6)
+    assert torch.equal(base.sequences, same.sequences)
+    for a, b in zip(base.logits, same.logits):
+        assert torch.equal(a, b)
+    rep = pruner.last_report
+    assert not rep.pruned and rep.visual_kept == rep.visual_tokens
+
+
+def test_model_is_untouched_after_the_block(qwen25):
+    inputs = make_inputs(qwen25)
+    with torch.no_grad():
+        before = qwen25(**inputs).logits
+        n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in qwen25.modules())
+        with IVCPrune(layer=2)(qwen25):
+            pass
+        pruner = IVCPrune(layer=2)
+        pruner.apply(qwen25)
+        pruner.remove()
+        after = qwen25(**inputs).logits
+    assert torch.equal(before, after)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in qwen25.modules()) == n_hooks
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_several_images_each_get_their_own_budget(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 8, 12), ("image", 1, 12, 16)))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5, rule="fill")
+    with torch.no_grad(), pruner(model):
+        logits = model(**inputs).logits[0]
+        out = _generate(model, inputs, n=4)
+    rep = pruner.last_report
+    assert [s.length for s in rep.spans] == [24, 48]
+    assert [s.kept for s in rep.spans] == [12, 24]
+    assert [s.grid for s in rep.spans] == [(1, 4, 6), (1, 6, 8)]
+    with torch.no_grad(), masked_reference(model, rep.kept, K):
+        ref_logits = model(**inputs).logits[0]
+        ref = _generate(model, inputs, n=4)
+    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_video_spans_are_pruned_like_images(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("video", 2, 8, 8),))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5)
+    with torch.no_grad(), pruner(model):
+        logits = model(**inputs).logits[0]
+        out = _generate(model, inputs, n=4)
+    rep = pruner.last_report
+    assert [(s.kind, s.length, s.kept, s.grid) for s in rep.spans] == [("video", 32, 16, (2, 4, 4))]
+    with torch.no_grad(), masked_reference(model, rep.kept, K):
+        ref_logits = model(**inputs).logits[0]
+        ref = _generate(model, inputs, n=4)
+    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_prompt_without_image_is_a_reported_noop(qwen25):
+    inputs = make_inputs(qwen25, media=())
+    pruner = IVCPrune(layer=2)
+    with torch.no_grad():
+        base = _generate(qwen25, inputs, n=4)
+        with pruner(qwen25):
+            out = _generate(qwen25, inputs, n=4)
+    assert torch.equal(base.sequences, out.sequences)
+    rep = pruner.last_report
+    assert not rep.pruned and rep.spans == [] and "no image" in rep.reason
+    assert rep.kept.numel() == inputs["input_ids"].shape[1]
+
+
+def test_sampling_matches_reference_and_is_seeded(qwen25):
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5)
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=50, temperature=1.3)
+    with torch.no_grad():
+        with pruner(qwen25):
+            torch.manual_seed(7)
+            a = qwen25.generate(**inputs, **kw)
+            torch.manual_seed(7)
+            b = qwen25.generate(**inputs, **kw)
+        with masked_reference(qwen25, pruner.last_report.kept, K):
+            torch.manual_seed(7)
+            ref = qwen25.generate(**inputs, **kw)
+    assert torch.equal(a, b)
+    assert torch.equal(a, ref)
+
+
+def test_stopping_criteria_and_eos(qwen25):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return torch.full((input_ids.shape[0],), self.calls >= self.n, dtype=torch.bool)
+
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    S = inputs["input_ids"].shape[1]
+    with torch.no_grad(), IVCPrune(layer=2)(qwen25):
+        out = qwen25.generate(**inputs, max_new_tokens=20, do_sample=False,
+                              stopping_criteria=StoppingCriteriaList([StopAfter(3)]))
+        assert out.shape[1] == S + 3
+        first = qwen25.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1].item()
+        # make the first greedy token the end-of-sequence token: generation stops right there
+        stopped = qwen25.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=first)
+    assert stopped.shape[1] == S + 1
+
+
+def test_manual_decode_loop_without_position_ids(qwen25):
+    """A hand-written loop that passes neither position ids nor a cut mask still decodes correctly."""
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    K = 2
+    pruner = IVCPrune(layer=K, budget=0.5)
+    steps = 4
+    with torch.no_grad():
+        with pruner(qwen25):
+            ref_gen = _generate(qwen25, inputs, n=steps + 1)
+            out = qwen25(**inputs, use_cache=True)
+            cache = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = inputs["attention_mask"]
+            toks = [tok]
+            for _ in range(steps):
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)  # unpruned length
+                out = qwen25(input_ids=tok, past_key_values=cache, attention_mask=mask, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                toks.append(tok)
+    S = inputs["input_ids"].shape[1]
+    assert torch.equal(torch.cat(toks, dim=1), ref_gen.sequences[:, S:])

@@ -32,7 +32,7 @@ def test_prefill_and_decode_match_masked_reference(family, attn, method):
     model = make_model(family, attn=attn)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
     K = 2
-    pruner = IVCPrune(layer=K, budget=0.5) if method == "ivc" else RandomPrune(layer=K, budget=0.3, seed=3)
+    pruner = IVCPrune(layer=K) if method == "ivc" else RandomPrune(layer=K, budget=0.3, seed=3)
     with torch.no_grad(), pruner(model):
         pruned_prefill = model(**inputs).logits[0]
         report = pruner.last_report
@@ -59,7 +59,7 @@ def test_kv_cache_of_every_layer_is_cut(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
     n = 5
-    pruner = IVCPrune(layer=2, budget=0.25)
+    pruner = IVCPrune(layer=2, budget=0.25, rule="fill")
     with torch.no_grad(), pruner(model):
         out = _generate(model, inputs, n=n)
     kept = pruner.last_report.kept.numel()
@@ -89,7 +89,7 @@ def _positions_seen(model, fn):
 def test_generated_tokens_get_unpruned_positions(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
-    pruner = IVCPrune(layer=2, budget=0.5)
+    pruner = IVCPrune(layer=2)
     with torch.no_grad():
         base = _positions_seen(model, lambda: _generate(model, inputs, n=5))
         with pruner(model):
@@ -190,7 +190,7 @@ def test_video_spans_are_pruned_like_images(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("video", 2, 8, 8),))
     K = 2
-    pruner = IVCPrune(layer=K, budget=0.5)
+    pruner = IVCPrune(layer=K, budget=0.5, rule="fill")
     with torch.no_grad(), pruner(model):
         logits = model(**inputs).logits[0]
         out = _generate(model, inputs, n=4)

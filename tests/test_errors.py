@@ -49,8 +49,9 @@ def test_layer_below_one(layer):
 @pytest.mark.parametrize("layer", [4, 40])
 def test_layer_not_below_depth(qwen25, layer):
     with pytest.raises(ValueError, match=r"out of range for a model with 4 decoder layers"):
-        with IVCPrune(layer=layer)(qwen25):
-            pass
+        IVCPrune(layer=layer)(qwen25)  # checked when the method is called on the model
+    with pytest.raises(ValueError, match=r"out of range"):
+        IVCPrune(layer=layer).apply(qwen25)
     assert getattr(qwen25, "_ivcprune_pruner", None) is None
 
 
@@ -60,8 +61,7 @@ def test_unsupported_model():
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="qwen2_5_vl"):
-        with IVCPrune(layer=1)(llama):
-            pass
+        IVCPrune(layer=1)(llama)
     with pytest.raises(UnsupportedModelError):
         IVCPrune(layer=1).apply(torch.nn.Linear(2, 2))
 

@@ -29,9 +29,10 @@ def test_resolution_from_model_type(qwen25, qwen2):
     cfg = IVCPrune().resolve(a25)
     assert (cfg["layer"], cfg["rule"], cfg["budget"], cfg["preset"]) == (2, "fill", 0.5, "Qwen2.5-VL")
     assert IVCPrune().resolve(a2)["rule"] == "union"
-    # an explicit budget means "keep this fraction": the fill rule, unless the rule is given too
-    assert IVCPrune(budget=0.3).resolve(a2)["rule"] == "fill"
-    assert IVCPrune(budget=0.3, rule="union").resolve(a2)["rule"] == "union"
+    # the preset's rule stays unless overridden; a budget with the union rule is ignored, loudly
+    with pytest.warns(UserWarning, match="union rule"):
+        assert IVCPrune(budget=0.3).resolve(a2)["rule"] == "union"
+    assert IVCPrune(budget=0.3, rule="fill").resolve(a2)["rule"] == "fill"
     cfg = IVCPrune(layer=3, ivc_ratio=0.05, seed_ratio=0.02, foreground_ratio=0.2).resolve(a2)
     assert (cfg["layer"], cfg["ivc_ratio"], cfg["seed_ratio"], cfg["foreground_ratio"]) == (3, 0.05, 0.02, 0.2)
     assert RandomPrune().resolve(a2)["budget"] == 0.5

@@ -12,13 +12,14 @@ span to keep (:meth:`PruningMethod.select`); the runtime does the rest, identica
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from . import selection as sel
-from .adapters import Adapter
+from .adapters import Adapter, get_adapter
 from .presets import preset_for
 from .report import PruneReport
 from .runtime import Pruner, SpanInput, SpanSelection
@@ -67,7 +68,13 @@ class PruningMethod:
 
     # -- applying --------------------------------------------------------------------------------
     def __call__(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[PruningMethod]:
-        """``with method(model): ...`` applies the method inside the block and removes it after."""
+        """``with method(model): ...`` applies the method inside the block and removes it after.
+
+        The configuration is checked against the model right here (unsupported model, K out of range),
+        before the block is entered."""
+        with warnings.catch_warnings():  # resolved again, and warned about, when the block is entered
+            warnings.simplefilter("ignore")
+            self.resolve(get_adapter(model))
         return self._applied(model)
 
     @contextlib.contextmanager
@@ -139,8 +146,9 @@ class IVCPrune(PruningMethod):
 
     Args:
         layer: K (see :class:`PruningMethod`).
-        budget: fraction of each span kept by the ``"fill"`` rule. Setting it on a model whose preset
-            uses the ``"union"`` rule switches to ``"fill"`` unless ``rule`` is given.
+        budget: fraction of each span kept by the ``"fill"`` rule. The ``"union"`` rule of the Qwen2-VL
+            preset sizes itself (pass ``rule="fill"`` there to keep a fixed fraction); under every rule,
+            a budget that allows all of a span's tokens (``budget=1.0``) keeps them all.
         ivc_ratio: fraction of the span taken by cos (real-axis) score, and again by sin score.
         seed_ratio: fraction of the span taken as semantic seeds (at least one).
         rule: ``"fill"``: IVC tokens and seeds, then the best foreground tokens up to the budget;
@@ -209,8 +217,13 @@ class IVCPrune(PruningMethod):
     def resolve(self, adapter: Adapter) -> dict[str, Any]:
         cfg = super().resolve(adapter)
         preset = preset_for(adapter.model_type, adapter.num_layers)
-        explicit_budget = self.budget is not None or self.budget_tokens is not None
-        rule = self.rule or ("fill" if explicit_budget else preset.rule)
+        rule = self.rule or preset.rule
+        if rule == "union" and ((self.budget is not None and self.budget < 1) or self.budget_tokens is not None):
+            warnings.warn(
+                f"the {preset.family} preset uses the union rule, which has no budget: budget is ignored; "
+                "pass rule='fill' to keep a fixed fraction of each image",
+                stacklevel=3,
+            )
         cfg.update(
             rule=rule,
             ivc_ratio=preset.ivc_ratio if self.ivc_ratio is None else self.ivc_ratio,
@@ -227,6 +240,8 @@ class IVCPrune(PruningMethod):
         L = span.length
         ablation = config["ablation"]
         target = self.target_count(L, config)
+        if target >= L:  # nothing to prune
+            return SpanSelection(torch.arange(L), {})
         n_ivc = sel.ratio_count(config["ivc_ratio"], L)
         groups: dict[str, torch.Tensor] = {}
         priority: list[torch.Tensor] = []

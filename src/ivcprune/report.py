@@ -43,6 +43,12 @@ class SpanReport:
         """Tokens kept for their foreground score beyond the IVC tokens and seeds (the fill)."""
         return self.positions("foreground")
 
+    fill = foreground
+
+    @property
+    def kept_count(self) -> int:
+        return self.kept
+
     @property
     def kept_ratio(self) -> float:
         return self.kept / self.length if self.length else 1.0

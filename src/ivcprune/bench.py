@@ -36,34 +36,68 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
+def _return_freed_memory_to_os() -> None:
+    """glibc keeps freed large blocks in its heap once its mmap threshold has adapted upwards, so RSS
+    stops following live memory. A fixed 1 MiB threshold makes every large tensor its own mapping,
+    returned on free; then peak RSS measures what the run really held."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak memory above the level at entry: CUDA allocator stats, or the process's peak RSS on CPU
-    (Linux ``/proc/self/clear_refs`` resets the high-water mark)."""
+    (Linux ``/proc/self/clear_refs`` resets the high-water mark). :meth:`split` closes a first phase
+    (the vision encoder) so that the rest (the LLM) gets a peak of its own."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.base: int | None = None
         self.peak: int | None = None
+        self.first_phase_peak: int | None = None
+        self.second_phase_peak: int | None = None
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def _read(self) -> int | None:
+        if self.base is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return max(0, _proc_status("VmHWM") - self.base)
 
     def __enter__(self):
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                self._reset()
+                self.base = torch.cuda.memory_allocated(self.device)
+            else:
+                _return_freed_memory_to_os()
+                self._reset()
                 self.base = _proc_status("VmRSS")
-            except OSError:
-                self.base = None
+        except OSError:
+            self.base = None
         return self
 
+    def split(self) -> None:
+        if self.base is not None and self.first_phase_peak is None:
+            self.first_phase_peak = self._read()
+            self._reset()
+
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        elif self.base is not None:
-            self.peak = max(0, _proc_status("VmHWM") - self.base)
+        self.peak = self._read()
+        if self.first_phase_peak is not None and self.peak is not None:
+            self.peak, self.second_phase_peak = max(self.peak, self.first_phase_peak), self.peak
 
 
 def _proc_status(key: str) -> int:
@@ -96,7 +130,8 @@ class GenerationRun:
     new_tokens: int
     kv_bytes_prompt: int  # KV cache right after prefill, all layers
     kv_tokens_prompt: int
-    peak_memory_bytes: int | None
+    peak_memory_bytes: int | None  # whole generate call
+    llm_peak_memory_bytes: int | None  # after the vision encoder: LLM prefill and decoding
     report: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -111,6 +146,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
     device = next(model.parameters()).device
     clock = _StepClock(device)
     vision_times: list[float] = []
+    mem = _PeakMemory(device)
     visual = _visual_module(model)
     handles = []
     if visual is not None:
@@ -122,6 +158,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
         def vision_end(module, args, output):
             _sync(device)
             vision_times.append(time.perf_counter())
+            mem.split()
 
         handles += [visual.register_forward_pre_hook(vision_start), visual.register_forward_hook(vision_end)]
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
@@ -131,7 +168,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
     kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), clock])
     ctx = method(model) if method is not None else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), _PeakMemory(device) as mem, ctx:
+        with torch.inference_mode(), mem, ctx:
             _sync(device)
             t0 = time.perf_counter()
             out = model.generate(**inputs, **kw)
@@ -158,6 +195,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
         kv_bytes_prompt=int(round(per_token * prompt_tokens)),
         kv_tokens_prompt=prompt_tokens,
         peak_memory_bytes=mem.peak,
+        llm_peak_memory_bytes=mem.second_phase_peak,
         report=method.last_report.to_dict() if method is not None and method.last_report is not None else None,
     )
 
@@ -258,13 +296,15 @@ def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int
                 "llm_prefill_s": _median([r.prefill_s - r.vision_s for r in rs]),
                 "decode_ms_per_token": _median([r.decode_ms_per_token for r in rs]),
                 "peak_memory_bytes": _median([r.peak_memory_bytes for r in rs]),
+                "llm_peak_memory_bytes": _median([r.llm_peak_memory_bytes for r in rs]),
                 "kv_bytes": _median([r.kv_bytes_prompt for r in rs]),
                 "same_tokens_as_unpruned": None,
             }
         row["pruned"]["same_tokens_as_unpruned"] = runs["pruned"][-1].tokens == runs["unpruned"][-1].tokens
         u, p = row["unpruned"], row["pruned"]
         row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None)
-                         for k in ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "peak_memory_bytes", "kv_bytes")}
+                         for k in ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "peak_memory_bytes",
+                                   "llm_peak_memory_bytes", "kv_bytes")}
         row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer)
         n_layers = model.config.get_text_config().num_hidden_layers
         row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
@@ -328,8 +368,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"Model `{result['model']}` on {result['device']}, {result['dtype']}, {result['attn_implementation']}; "
         f"{result['method']}; {result['new_tokens']} new tokens; medians of {result['repeats']} runs.\n\n"
         "| visual tokens | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
-        "| decode ms/tok | ratio | peak mem | ratio | KV cache | ratio | selection ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| decode ms/tok | ratio | LLM peak mem | ratio | peak mem | ratio | KV cache | ratio | selection ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in result["rows"]:
@@ -340,6 +380,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
             f"| {_r(r['expected']['llm_prefill_flop_ratio'])} "
             f"| {_r(u['prefill_s'], 3)} → {_r(p['prefill_s'], 3)} | {_r(q['prefill_s'])} "
             f"| {_r(u['decode_ms_per_token'], 1)} → {_r(p['decode_ms_per_token'], 1)} | {_r(q['decode_ms_per_token'])} "
+            f"| {_fmt_bytes(u['llm_peak_memory_bytes'])} → {_fmt_bytes(p['llm_peak_memory_bytes'])} "
+            f"| {_r(q['llm_peak_memory_bytes'])} "
             f"| {_fmt_bytes(u['peak_memory_bytes'])} → {_fmt_bytes(p['peak_memory_bytes'])} | {_r(q['peak_memory_bytes'])} "
             f"| {_fmt_bytes(u['kv_bytes'])} → {_fmt_bytes(p['kv_bytes'])} | {_r(q['kv_bytes'])} "
             f"| {_r(r['selection_ms'], 1)} |"
@@ -347,7 +389,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
     notes = (
         "\n\nLLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
         "(layers before K are not reduced). Peak memory = rise above the level before generate (CUDA "
-        "allocator, or the process's peak RSS on CPU). KV cache = all layers, after prefill. selection ms = "
+        "allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. KV cache = all layers, after prefill. selection ms = "
         "time to choose the kept tokens (one decoder layer of unpruned prefill takes about "
         + ", ".join(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"])
         + " here)."

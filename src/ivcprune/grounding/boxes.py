@@ -1,0 +1,91 @@
+"""Parsing grounding answers of Qwen-VL models, and box geometry.
+
+Qwen2.5-VL answers ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` (often inside a ```json fence, often
+as a list) in pixels of the resized image; Qwen2-VL answers ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+in a 0-1000 frame. The same parser serves the project's own model and real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+Box = tuple[float, float, float, float]
+
+_NUM = r"-?\d+(?:\.\d+)?"
+_BBOX_KEY = re.compile(r'"?bbox_2d"?\s*:\s*\[\s*(' + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*("
+                       + _NUM + r")\s*\]")
+_QWEN2_BOX = re.compile(r"\(\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\)\s*,\s*\(\s*(" + _NUM + r")\s*,\s*(" + _NUM
+                        + r")\s*\)")
+_FOUR = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
+
+
+def _ordered(vals) -> Box | None:
+    x1, y1, x2, y2 = (float(v) for v in vals)
+    if x2 < x1:
+        x1, x2 = x2, x1
+    if y2 < y1:
+        y1, y2 = y2, y1
+    return (x1, y1, x2, y2)
+
+
+def _from_json(text: str) -> Box | None:
+    body = text.strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", body, re.S)
+    if fence:
+        body = fence.group(1).strip()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        if isinstance(item, dict):
+            b = item.get("bbox_2d", item.get("bbox"))
+            if isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b):
+                return _ordered(b)
+    return None
+
+
+def parse_qwen25_box(text: str) -> Box | None:
+    """First box of a Qwen2.5-VL grounding answer, in the answer's pixel frame; ``None`` if there is none."""
+    if not isinstance(text, str):
+        return None
+    box = _from_json(text)
+    if box is not None:
+        return box
+    m = _BBOX_KEY.search(text)  # truncated or otherwise invalid JSON around a complete bbox_2d
+    if m:
+        return _ordered(m.groups())
+    m = _FOUR.search(text)
+    return _ordered(m.groups()) if m else None
+
+
+def parse_qwen2_box(text: str) -> Box | None:
+    """First box of a Qwen2-VL answer ``(x1,y1),(x2,y2)``, in its 0-1000 frame; ``None`` if there is none."""
+    if not isinstance(text, str):
+        return None
+    m = _QWEN2_BOX.search(text)
+    return _ordered(m.groups()) if m else None
+
+
+def parse_box(text: str, style: str = "qwen2_5_vl") -> Box | None:
+    """Parse an answer in the style of a model family (``qwen2_5_vl`` or ``qwen2_vl``)."""
+    if style == "qwen2_vl":
+        return parse_qwen2_box(text)
+    return parse_qwen25_box(text)
+
+
+def scale_box(box: Box, sx: float, sy: float) -> Box:
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def iou(a: Box | None, b: Box | None) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes; 0 when either is missing or empty."""
+    if a is None or b is None:
+        return 0.0
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -26,6 +26,22 @@ def _generate(model, inputs, n=6, **kw):
                           return_dict_in_generate=True, **kw)
 
 
+def _assert_matches_reference(model, inputs, pruner, K, n=4):
+    """Prefill logits of the kept tokens and greedy decoding equal the masked reference."""
+    with torch.no_grad(), pruner(model):
+        logits = model(**inputs).logits[0]
+        out = _generate(model, inputs, n=n)
+    keep = pruner.last_report.kept
+    with torch.no_grad(), masked_reference(model, keep, K):
+        ref_logits = model(**inputs).logits[0]
+        ref = _generate(model, inputs, n=n)
+    torch.testing.assert_close(logits, ref_logits[keep], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=f"decode step {step}")
+    return pruner.last_report
+
+
 @pytest.mark.parametrize("family,attn", CASES)
 @pytest.mark.parametrize("method", ["ivc", "random"])
 def test_prefill_and_decode_match_masked_reference(family, attn, method):
@@ -33,24 +49,15 @@ def test_prefill_and_decode_match_masked_reference(family, attn, method):
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
     K = 2
     pruner = IVCPrune(layer=K) if method == "ivc" else RandomPrune(layer=K, budget=0.3, seed=3)
-    with torch.no_grad(), pruner(model):
-        pruned_prefill = model(**inputs).logits[0]
-        report = pruner.last_report
-        pruned = _generate(model, inputs)
-    keep = report.kept
+    report = _assert_matches_reference(model, inputs, pruner, K, n=6)
     S = inputs["input_ids"].shape[1]
-    assert report.pruned and keep.numel() < S
-    assert pruned_prefill.shape[0] == keep.numel()
-    with torch.no_grad(), masked_reference(model, keep, K):
-        ref_prefill = model(**inputs).logits[0]
-        ref = _generate(model, inputs)
-    torch.testing.assert_close(pruned_prefill, ref_prefill[keep], atol=ATOL, rtol=1e-4)
-    assert torch.equal(pruned.sequences, ref.sequences)
-    for step, (a, b) in enumerate(zip(pruned.logits, ref.logits)):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=f"decode step {step}")
-    # ...and the pruning matters: the unpruned model gives different logits.
+    assert report.pruned and report.kept.numel() < S
+    # ...and the pruning matters: the unpruned model gives other logits, the pruned prefill fewer rows.
     with torch.no_grad():
         full = model(**inputs).logits[0]
+        with pruner(model):
+            pruned_prefill = model(**inputs).logits[0]
+    assert pruned_prefill.shape[0] == report.kept.numel()
     assert (full[-1] - pruned_prefill[-1]).abs().max() > 1e-3
 
 
@@ -169,38 +176,18 @@ def test_model_is_untouched_after_the_block(qwen25):
 def test_several_images_each_get_their_own_budget(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 8, 12), ("image", 1, 12, 16)))
-    K = 2
-    pruner = IVCPrune(layer=K, budget=0.5, rule="fill")
-    with torch.no_grad(), pruner(model):
-        logits = model(**inputs).logits[0]
-        out = _generate(model, inputs, n=4)
-    rep = pruner.last_report
+    rep = _assert_matches_reference(model, inputs, IVCPrune(layer=2, budget=0.5, rule="fill"), 2)
     assert [s.length for s in rep.spans] == [24, 48]
     assert [s.kept for s in rep.spans] == [12, 24]
     assert [s.grid for s in rep.spans] == [(1, 4, 6), (1, 6, 8)]
-    with torch.no_grad(), masked_reference(model, rep.kept, K):
-        ref_logits = model(**inputs).logits[0]
-        ref = _generate(model, inputs, n=4)
-    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
-    assert torch.equal(out.sequences, ref.sequences)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_video_spans_are_pruned_like_images(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("video", 2, 8, 8),))
-    K = 2
-    pruner = IVCPrune(layer=K, budget=0.5, rule="fill")
-    with torch.no_grad(), pruner(model):
-        logits = model(**inputs).logits[0]
-        out = _generate(model, inputs, n=4)
-    rep = pruner.last_report
+    rep = _assert_matches_reference(model, inputs, IVCPrune(layer=2, budget=0.5, rule="fill"), 2)
     assert [(s.kind, s.length, s.kept, s.grid) for s in rep.spans] == [("video", 32, 16, (2, 4, 4))]
-    with torch.no_grad(), masked_reference(model, rep.kept, K):
-        ref_logits = model(**inputs).logits[0]
-        ref = _generate(model, inputs, n=4)
-    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
-    assert torch.equal(out.sequences, ref.sequences)
 
 
 def test_prompt_without_image_is_a_reported_noop(qwen25):
@@ -278,3 +265,18 @@ def test_manual_decode_loop_without_position_ids(qwen25):
                 toks.append(tok)
     S = inputs["input_ids"].shape[1]
     assert torch.equal(torch.cat(toks, dim=1), ref_gen.sequences[:, S:])
+
+
+def test_base_model_without_lm_head(qwen25):
+    """The pruner also works on the bare Qwen2_5_VLModel (no lm_head): hidden states are cut the same way."""
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    pruner = IVCPrune(layer=2, budget=0.5)
+    with torch.no_grad():
+        with pruner(qwen25.model):
+            base_out = qwen25.model(**inputs).last_hidden_state[0]
+        kept_base = pruner.last_report.kept
+        with pruner(qwen25):
+            full_out = qwen25(**inputs, output_hidden_states=True).hidden_states[-1][0]
+    assert torch.equal(kept_base, pruner.last_report.kept)
+    assert base_out.shape[0] == kept_base.numel() < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(qwen25.model.language_model.norm(full_out), base_out, atol=1e-5, rtol=1e-5)

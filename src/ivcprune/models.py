@@ -24,170 +24,55 @@ _QWEN_TOKENS = dict(
     eos_token_id=151645,
 )
 
+def _text(vocab, hidden, ffn, layers, heads, kv_heads, max_pos, tied, theta=1000000.0, section=(16, 24, 24)):
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)},
+        tie_word_embeddings=tied,
+    )
+
+
+# Qwen2.5-VL vision tower (window attention, SwiGLU); the merger's output width follows the LLM.
+_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+# Qwen2-VL vision tower (full attention, QuickGELU MLP); `hidden_size` is the merger's output width.
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, hidden_act="quick_gelu")
+
 # Shapes of released checkpoints (their config.json), so benchmarks can run with random weights.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl-7b": dict(
-        model_type="qwen2_5_vl",
-        text=dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            max_position_embeddings=128000,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            tokens_per_second=2,
-            hidden_act="silu",
-        ),
-        tokens=_QWEN_TOKENS,
-    ),
-    "qwen2.5-vl-3b": dict(
-        model_type="qwen2_5_vl",
-        text=dict(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            max_position_embeddings=128000,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=True,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=2048,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            tokens_per_second=2,
-            hidden_act="silu",
-        ),
-        tokens=_QWEN_TOKENS,
-    ),
-    "qwen2-vl-7b": dict(
-        model_type="qwen2_vl",
-        text=dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            mlp_ratio=4,
-            num_heads=16,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            hidden_act="quick_gelu",
-        ),
-        tokens=_QWEN_TOKENS,
-    ),
-    "qwen2-vl-2b": dict(
-        model_type="qwen2_vl",
-        text=dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=True,
-        ),
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=1536,
-            mlp_ratio=4,
-            num_heads=16,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            hidden_act="quick_gelu",
-        ),
-        tokens=_QWEN_TOKENS,
-    ),
+    "qwen2.5-vl-7b": dict(model_type="qwen2_5_vl", text=_text(152064, 3584, 18944, 28, 28, 4, 128000, False),
+                          vision=_QWEN25_VISION, tokens=_QWEN_TOKENS),
+    "qwen2.5-vl-3b": dict(model_type="qwen2_5_vl", text=_text(151936, 2048, 11008, 36, 16, 2, 128000, True),
+                          vision=_QWEN25_VISION, tokens=_QWEN_TOKENS),
+    "qwen2-vl-7b": dict(model_type="qwen2_vl", text=_text(152064, 3584, 18944, 28, 28, 4, 32768, False),
+                        vision=_QWEN2_VISION, tokens=_QWEN_TOKENS),
+    "qwen2-vl-2b": dict(model_type="qwen2_vl", text=_text(151936, 1536, 8960, 28, 12, 2, 32768, True),
+                        vision=_QWEN2_VISION, tokens=_QWEN_TOKENS),
 }
 
 # Tiny models use the ids of the project's own tokenizer (ivcprune.tiny).
-_TINY_TOKENS = dict(TINY_TOKEN_IDS)
-_TINY_TEXT = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    tie_word_embeddings=False,
-)
+_TINY_TEXT = _text(512, 64, 128, 4, 4, 2, 4096, False, theta=10000.0, section=(2, 3, 3))
 RANDOM_CONFIGS["tiny-qwen2.5-vl"] = dict(
     model_type="qwen2_5_vl",
     text=_TINY_TEXT,
-    vision=dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=56,
-        fullatt_block_indexes=[1],
-        tokens_per_second=2,
-    ),
-    tokens=_TINY_TOKENS,
+    vision=dict(_QWEN25_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
+                window_size=56),
+    tokens=dict(TINY_TOKEN_IDS),
 )
 RANDOM_CONFIGS["tiny-qwen2-vl"] = dict(
     model_type="qwen2_vl",
     text=_TINY_TEXT,
-    vision=dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        mlp_ratio=2,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    ),
-    tokens=_TINY_TOKENS,
+    vision=dict(_QWEN2_VISION, depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_act="quick_gelu"),
+    tokens=dict(TINY_TOKEN_IDS),
 )
 
 

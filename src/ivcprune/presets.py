@@ -33,28 +33,32 @@ def _scaled_k(depth: int, table: dict[int, int]) -> int:
     return max(1, min(depth - 1, round(depth * 16 / 28)))
 
 
+_FAMILIES = {
+    "qwen2_5_vl": dict(
+        family="Qwen2.5-VL",
+        k_table=_QWEN25_K,
+        rule="fill",
+        note="K=16 of 28 (7B) / 22 of 36 (3B); IVC 10% cos + 10% sin, seeds 1%, fill to 50% by foreground",
+    ),
+    "qwen2_vl": dict(
+        family="Qwen2-VL",
+        k_table=_QWEN2_K,
+        rule="union",
+        note="K=16 of 28; keep IVC 10% cos + 10% sin, seeds 1% and top 40% foreground (union)",
+    ),
+}
+
+
 def preset_for(model_type: str, num_layers: int) -> Preset:
     """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers."""
-    if model_type == "qwen2_5_vl":
-        return Preset(
-            family="Qwen2.5-VL",
-            layer=_scaled_k(num_layers, _QWEN25_K),
-            rule="fill",
-            budget=0.5,
-            ivc_ratio=0.10,
-            seed_ratio=0.01,
-            foreground_ratio=0.40,
-            note="K=16 of 28 (7B) / 22 of 36 (3B); IVC 10% cos + 10% sin, seeds 1%, fill to 50% by foreground",
-        )
-    if model_type == "qwen2_vl":
-        return Preset(
-            family="Qwen2-VL",
-            layer=_scaled_k(num_layers, _QWEN2_K),
-            rule="union",
-            budget=0.5,
-            ivc_ratio=0.10,
-            seed_ratio=0.01,
-            foreground_ratio=0.40,
-            note="K=16 of 28; keep IVC 10% cos + 10% sin, seeds 1% and top 40% foreground (union)",
-        )
-    raise KeyError(model_type)
+    fam = _FAMILIES[model_type]
+    return Preset(
+        family=fam["family"],
+        layer=_scaled_k(num_layers, fam["k_table"]),
+        rule=fam["rule"],
+        budget=0.5,
+        ivc_ratio=0.10,
+        seed_ratio=0.01,
+        foreground_ratio=0.40,
+        note=fam["note"],
+    )

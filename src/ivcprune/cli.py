@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -14,7 +15,8 @@ from . import __version__
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
-                   help="local checkpoint path, hub id, or random:NAME (random weights, e.g. random:qwen2.5-vl-7b)")
+                   help="local checkpoint path, hub id, 'toy' (the embedded grounding model), or random:NAME "
+                        "(random weights, e.g. random:qwen2.5-vl-7b)")
     g.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16, float32")
     g.add_argument("--attn", default=None, choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention implementation (default: transformers' choice)")
@@ -23,9 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random:NAME models only: override a text config field (or vision.FIELD)")
 
 
-def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc") -> None:
+def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc",
+                     choices: tuple[str, ...] = ("ivc", "random", "none")) -> None:
     g = p.add_argument_group("pruning (unset knobs take the model's paper preset)")
-    g.add_argument("--method", default=default, choices=["ivc", "random", "none"])
+    g.add_argument("--method", default=default, choices=list(choices))
     g.add_argument("--layer", type=int, default=None, help="K: prune before this decoder layer")
     g.add_argument("--budget", type=float, default=None, help="fraction of each image's tokens kept, in (0, 1]")
     g.add_argument("--budget-tokens", type=int, default=None, help="tokens kept per image (instead of --budget)")
@@ -72,6 +75,7 @@ def cmd_generate(args) -> int:
     from .bench import _fmt_bytes, measure_generate
     from .inputs import build_inputs, user_message
 
+    args.model = _resolve_model_spec(args.model)
     method = _method_from_args(args)
     model, processor = _load(args)
     if processor is None:
@@ -135,6 +139,7 @@ def cmd_bench(args) -> int:
     method = _method_from_args(args) if args.method != "none" else None
     if method is None:
         method = IVCPrune()
+    args.model = _resolve_model_spec(args.model)
     model, processor = _load(args)
     result = run_bench(model, processor, method, image_tokens=args.image_tokens, new_tokens=args.new_tokens,
                        repeats=args.repeats, warmup=args.warmup, model_name=args.model, progress=not args.json)
@@ -142,6 +147,91 @@ def cmd_bench(args) -> int:
         j, m = save_bench(result, args.out)
         print(f"wrote {j} and {m}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else bench_markdown(result))
+    return 0
+
+
+def _resolve_model_spec(spec: str) -> str:
+    if spec == "toy":
+        from .grounding.toy import TOY_DIR
+
+        if not (TOY_DIR / "config.json").exists():
+            raise SystemExit(f"the embedded toy model is missing ({TOY_DIR}); train it with `ivcprune train-toy`")
+        return str(TOY_DIR)
+    return spec
+
+
+def _float_list(text: str | None):
+    return [None] if not text else [float(x) for x in text.split(",")]
+
+
+def _int_list(text: str | None):
+    return [None] if not text else [int(x) for x in text.split(",")]
+
+
+def cmd_eval(args) -> int:
+    from .grounding import evaluate as ev
+    from .grounding.data import read_grounding_tsv, synthetic_items
+
+    args.model = _resolve_model_spec(args.model)
+    methods = args.methods.split(",") if args.methods else [args.method]
+    budgets = _float_list(args.budgets) if args.budgets else [args.budget]
+    layers = _int_list(args.layers) if args.layers else [args.layer]
+    runs = ev.grid(methods, budgets, layers)
+    knobs = dict(ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
+                 foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic, seed=args.random_seed)
+    built = [(name, m, b, k, ev.make_eval_method(m, b, k, **knobs)) for name, m, b, k in runs]  # bad knobs fail here
+    if args.data != "synthetic" and not os.path.exists(args.data):
+        raise SystemExit(f"data not found: {args.data} (use 'synthetic' or a grounding TSV)")
+    model, processor = _load(args)
+    if processor is None:
+        raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
+    out = Path(args.out)
+    rows = []
+    for name, m, b, k, method in built:
+        if args.data == "synthetic":
+            items, total, skipped = synthetic_items(args.n, seed=args.seed, split=args.split), args.n, []
+        else:
+            skipped = []
+            items, total = read_grounding_tsv(args.data, gt_frame=args.gt_frame, skipped=skipped), None
+        run_dir = out if len(built) == 1 else out / name
+        resolved = {}
+        if method is not None:
+            from .adapters import get_adapter
+
+            resolved = method.resolve(get_adapter(model))
+        info = {"name": name, "model": args.model, "data": args.data, "method": m, "label": ev.METHOD_LABELS[m],
+                "budget": resolved.get("budget") if method else None,
+                "layer": resolved.get("layer") if method else None, "config": resolved,
+                "seed": args.seed if args.data == "synthetic" else None,
+                "split": args.split if args.data == "synthetic" else None}
+        metrics = ev.run_eval(model, processor, items, method, run_dir, info=info, total=total,
+                              style=args.style, prompt=args.prompt_template, max_new_tokens=args.max_new_tokens,
+                              skipped=skipped, progress=not args.quiet)
+        rows.append(metrics)
+        if skipped:
+            print(f"{name}: skipped {len(skipped)} malformed rows, e.g. row {skipped[0].index}: {skipped[0].reason}",
+                  file=sys.stderr)
+        print(f"{name}: Acc@0.5 {100 * metrics['accuracy']:.1f}  mIoU {metrics['mean_iou']:.3f}  "
+              f"kept {100 * metrics['mean_kept_visual_ratio']:.1f}%  n {metrics['n']}  -> {run_dir}", file=sys.stderr)
+    table = ev.comparison_markdown(rows)
+    if len(built) > 1:
+        (out / "comparison.md").write_text(table + "\n")
+        (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    return 0
+
+
+def cmd_train_toy(args) -> int:
+    from dataclasses import fields
+
+    from .grounding.toy import ToyRecipe, train
+
+    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe) if getattr(args, f.name, None)
+                          is not None})
+    summary = train(args.out, recipe, log=lambda m: print(m, flush=True))
+    last = summary["history"][-1]
+    print(f"trained {summary['steps']} steps ({summary['images']} images) in {summary['train_seconds']:.0f}s; "
+          f"val Acc@0.5 {100 * last['acc']:.1f} on {recipe.eval_samples} samples -> {args.out}")
     return 0
 
 
@@ -177,6 +267,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     b.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="grounding accuracy (Acc@0.5), pruned and unpruned; comparison tables")
+    _add_model_args(e)
+    _add_method_args(e, default="none", choices=("none", "ivc", "random", "ivc_only", "no_ivc", "no_foreground"))
+    e.add_argument("--data", required=True, help="'synthetic' or a VLMEvalKit grounding TSV")
+    e.add_argument("--n", type=int, default=1000, help="synthetic: number of samples")
+    e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic: split")
+    e.add_argument("--gt-frame", default="original", choices=["original", "resized28"],
+                   help="TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded to 28)")
+    e.add_argument("--methods", default=None,
+                   help="comparison: comma list of none,ivc,random,ivc_only,no_ivc,no_foreground")
+    e.add_argument("--budgets", default=None, help="comparison: comma list of budgets")
+    e.add_argument("--layers", default=None, help="comparison: comma list of K")
+    e.add_argument("--style", default=None, choices=["qwen2_5_vl", "qwen2_vl"],
+                   help="answer format (default: the model's family)")
+    e.add_argument("--prompt-template", default=None, help="prompt with {ref} for the referring expression")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--out", required=True, help="output directory (resumed if it holds predictions)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train-toy", help="train the embedded grounding model from scratch (CPU, about an hour)")
+    t.add_argument("--out", required=True, help="output checkpoint directory")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--data-seed", type=int, default=None)
+    t.add_argument("--minutes", type=float, default=None, help="training wall-clock budget (validation excluded)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--eval-samples", type=int, default=None)
+    t.set_defaults(func=cmd_train_toy)
     return parser
 
 

@@ -50,6 +50,10 @@ class Obj:
         return _tight_box(self.shape, self.frame)
 
     @property
+    def label(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
     def center(self) -> tuple[float, float]:
         return (self.frame[0] + self.frame[2]) / 2, (self.frame[1] + self.frame[3]) / 2
 
@@ -68,14 +72,20 @@ class Sample:
         return PROMPT.format(ref=self.ref)
 
     @property
+    def target(self) -> Obj:
+        return next(o for o in self.objects if o.box == self.box)
+
+    @property
     def answer(self) -> str:
-        return format_answer(self.box)
+        return format_answer(self.box, self.target.label)
 
 
-def format_answer(box) -> str:
-    """Qwen2.5-VL's grounding answer format."""
+def format_answer(box, label: str | None = None) -> str:
+    """Qwen2.5-VL's grounding answer: a JSON object with ``bbox_2d`` (and, as Qwen2.5-VL does, a ``label``;
+    here the label comes first, so that the object is named before its box is written)."""
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
+    head = f'"label": "{label}", ' if label else ""
+    return f'{{{head}"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -124,8 +134,23 @@ def _tight_box(shape: str, box) -> tuple[int, int, int, int]:
     return (int(math.floor(min(xs))), int(math.floor(min(ys))), int(math.ceil(max(xs))), int(math.ceil(max(ys))))
 
 
+def _lighting() -> np.ndarray:
+    """The fixed lighting of this synthetic world, over the whole image (objects included): redder to the
+    left, greener to the top, bluer to the bottom (+-15 levels). Like the sky above and the ground below
+    in photographs, it makes absolute position visible in the pixels."""
+    ramp = np.linspace(-0.5, 0.5, IMAGE_SIZE, dtype=np.float32)
+    light = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    light[..., 0] -= 30 * ramp[None, :]
+    light[..., 1] -= 30 * ramp[:, None]
+    light[..., 2] += 30 * ramp[:, None]
+    return light
+
+
+_LIGHT = _lighting()
+
+
 def render(objs: list[Obj], rng: random.Random) -> Image.Image:
-    """Background colour + pixel noise + grey clutter strokes, then the objects."""
+    """Background colour + pixel noise + grey clutter strokes, then the objects, under the world's lighting."""
     base = np.array([rng.randint(170, 245) for _ in range(3)], dtype=np.float32)
     nrng = np.random.default_rng(rng.getrandbits(32))
     arr = base + nrng.normal(0, rng.uniform(4, 14), (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -148,7 +173,8 @@ def render(objs: list[Obj], rng: random.Random) -> Image.Image:
             d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=rgb)
         else:
             d.polygon(_polygon(o.shape, o.frame), fill=rgb)
-    return img
+    lit = np.asarray(img, dtype=np.float32) + _LIGHT
+    return Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8))
 
 
 def _desc(o: Obj, with_size: bool = False) -> str:
@@ -203,8 +229,10 @@ def _expressions(objs: list[Obj], t: Obj) -> dict[str, str]:
 KIND_WEIGHTS = {"attribute": 0.35, "size": 0.15, "relation": 0.25, "ordinal": 0.25}
 
 
-def make_sample(seed: int, split: str, index: int) -> Sample:
-    """Sample ``index`` of ``split`` (``train`` / ``val`` / ``test``) for generator seed ``seed``."""
+def make_sample(seed: int, split: str, index: int, render_image: bool = True) -> Sample:
+    """Sample ``index`` of ``split`` (``train`` / ``val`` / ``test``) for generator seed ``seed``.
+
+    ``render_image=False`` skips drawing (``image`` is ``None``) when only the text is needed."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     rng = _rng(seed, split, index)
@@ -232,7 +260,8 @@ def make_sample(seed: int, split: str, index: int) -> Sample:
         if not wanted:
             continue
         target, ref = rng.choice(wanted)
-        return Sample(id=f"{split}-{index}", image=render(objs, rng), ref=ref, kind=want, box=target.box, objects=objs)
+        image = render(objs, rng) if render_image else None
+        return Sample(id=f"{split}-{index}", image=image, ref=ref, kind=want, box=target.box, objects=objs)
     raise RuntimeError(f"could not build a {want!r} sample for {split}/{index}")
 
 

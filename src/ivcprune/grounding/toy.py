@@ -1,0 +1,487 @@
+"""The project's own small grounding VLM: Qwen2.5-VL architecture classes of transformers (vision tower
+with window attention and 2x2 patch merger, M-RoPE LLM), a tokenizer trained here, and the training
+recipe. ``ivcprune train-toy`` reproduces the shipped checkpoint from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..tiny import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS
+from . import synth
+
+TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-grounding"
+
+
+@dataclass
+class ToyRecipe:
+    seed: int = 0
+    data_seed: int = 0
+    # model
+    vision_hidden: int = 64
+    vision_depth: int = 3
+    vision_heads: int = 4
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 384
+    vocab_size: int = 512
+    rope_theta: float = 10000.0
+    # stage 1: the vision tower alone learns dense per-token targets (object colour / shape / box, token
+    # position) through small linear heads that are dropped afterwards
+    vision_steps: int = 600
+    vision_batch_size: int = 16
+    vision_lr: float = 2e-3
+    # stage 2: the whole model on grounding chats (plus the stage-1 targets, weighted by aux_weight)
+    aux_weight: float = 0.5
+    coord_weight: float = 10.0
+    # one head of one middle layer is taught where to look: at the target object's tokens
+    attn_weight: float = 1.0
+    attn_layer: int = 3
+    # a fixed number of steps (reproducible); `minutes` is only a safety stop for the whole run
+    steps: int = 2200
+    minutes: float = 58.0
+    batch_size: int = 8
+    queries_per_image: int = 3
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    threads: int = 2
+    eval_every: int = 250
+    eval_samples: int = 200
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+def _corpus(n: int, seed: int):
+    yield DEFAULT_SYSTEM
+    yield "user assistant system"
+    for i in range(n):
+        s = synth.make_sample(seed, "train", i, render_image=False)
+        yield s.question
+        yield s.answer
+
+
+def train_tokenizer(vocab_size: int = 512, seed: int = 0, corpus_size: int = 3000):
+    """Byte-level BPE trained on the task's prompts and answers; digits stay single tokens (as Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_corpus(corpus_size, seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_toy_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    px = synth.IMAGE_SIZE * synth.IMAGE_SIZE
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=px, max_pixels=px),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(min_pixels=px, max_pixels=px),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def toy_config(tokenizer, r: ToyRecipe):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = r.hidden // r.heads
+    half = head_dim // 2
+    section = [half // 4, (half - half // 4) // 2]
+    section.append(half - sum(section))
+    tokens = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=r.hidden,
+            intermediate_size=r.ffn,
+            num_hidden_layers=r.layers,
+            num_attention_heads=r.heads,
+            num_key_value_heads=r.kv_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": r.rope_theta, "mrope_section": section},
+            tie_word_embeddings=True,
+            **tokens,
+        ),
+        vision_config=dict(
+            depth=r.vision_depth,
+            hidden_size=r.vision_hidden,
+            intermediate_size=r.vision_hidden * 3,
+            num_heads=r.vision_heads,
+            out_hidden_size=r.hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[r.vision_depth - 1],
+            tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        **tokens,
+    )
+
+
+# -- training data -------------------------------------------------------------------------------
+def conversation(sample: synth.Sample, extra: list[tuple[str, tuple]] = ()):
+    """Chat messages: the image and first question, then further questions about the same image."""
+    msgs = [
+        {"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]},
+        {"role": "assistant", "content": sample.answer},
+    ]
+    labels = {o.box: o.label for o in sample.objects}
+    for ref, box in extra:
+        msgs.append({"role": "user", "content": synth.PROMPT.format(ref=ref)})
+        msgs.append({"role": "assistant", "content": synth.format_answer(box, labels.get(box))})
+    return msgs
+
+
+def encode_training_batch(processor, samples, extras):
+    """Right-padded batch with labels on the assistant replies (and their end token) only.
+
+    Also returns, for the auxiliary box regression, ``box_anchor`` (rows of ``(batch, position, k)``: the
+    token right before the digits of coordinate ``k`` of an answer) and ``box_target`` (that coordinate,
+    normalised to [0, 1])."""
+    tok = processor.tokenizer
+    texts = [processor.apply_chat_template(conversation(s, e), tokenize=False) for s, e in zip(samples, extras)]
+    enc = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    labels = torch.full_like(ids, -100)
+    header = tok.encode("<|im_start|>assistant\n")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    h = len(header)
+    digit_ids = {tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    anchors, targets, attrs, attend = [], [], [], []
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        boxes = [samples[b].box] + [box for _, box in extras[b]]
+        by_box = {o.box: o for o in samples[b].objects}
+        cells = object_cells(samples[b])
+        image_pos = (ids[b] == image_id).nonzero().squeeze(1)
+        answer = 0
+        i = 0
+        while i < len(row):
+            if row[i : i + h] == header:
+                j = i + h
+                starts = []
+                while j < len(row) and row[j] != end:
+                    labels[b, j] = row[j]
+                    if row[j] in digit_ids and row[j - 1] not in digit_ids:
+                        starts.append(j)
+                    j += 1
+                if j < len(row):
+                    labels[b, j] = end
+                # the first digit run is the "2" of "bbox_2d"; the next four are the coordinates
+                obj = by_box[boxes[answer]]
+                for k, pos in enumerate(starts[1:5]):
+                    anchors.append((b, pos - 1, k))
+                    targets.append(boxes[answer][k] / synth.IMAGE_SIZE)
+                    attrs.append((list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape)))
+                    attend.append(image_pos[cells[boxes[answer]]])
+                answer += 1
+                i = j
+            i += 1
+    enc["labels"] = labels
+    enc["box_anchor"] = torch.tensor(anchors, dtype=torch.long).reshape(-1, 3)
+    enc["box_target"] = torch.tensor(targets, dtype=torch.float32)
+    enc["box_attrs"] = torch.tensor(attrs, dtype=torch.long).reshape(-1, 2)
+    enc["box_attend"] = attend  # per anchor: sequence positions of the target object's visual tokens
+    return enc
+
+
+def attention_loss(attn: torch.Tensor, anchor: torch.Tensor, attend: list[torch.Tensor]) -> torch.Tensor:
+    """-log of the attention mass one head puts on the target object's tokens, at each anchor.
+
+    ``attn``: (B, H, S, S) attention probabilities of one layer; head 0 is supervised."""
+    if anchor.numel() == 0:
+        return attn.sum() * 0
+    rows = attn[anchor[:, 0], 0, anchor[:, 1]]  # (M, S)
+    mass = torch.stack([rows[i, pos].sum() for i, pos in enumerate(attend)])
+    return -(mass + 1e-6).log().mean()
+
+
+def _extras(sample: synth.Sample, rng: random.Random, k: int):
+    out = []
+    others = [o for o in sample.objects if o.box != sample.box]
+    rng.shuffle(others)
+    for o in others:
+        if len(out) >= k:
+            break
+        exprs = synth._expressions(sample.objects, o)
+        if exprs:
+            kinds = list(exprs)
+            w = [synth.KIND_WEIGHTS[x] for x in kinds]
+            out.append((exprs[rng.choices(kinds, weights=w)[0]], o.box))
+    return out
+
+
+# -- dense targets for the vision tower ---------------------------------------------------------
+GRID = synth.IMAGE_SIZE // 28  # merged tokens per side
+
+
+def cell_targets(sample: synth.Sample):
+    """Per merged token (raster order): object colour and shape (0 = background), the covering object's
+    box (normalised), whether an object covers it, and the token's own centre (normalised)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    cell = synth.IMAGE_SIZE // GRID
+    cover = np.zeros((max(1, len(sample.objects)), GRID, GRID), np.float32)
+    for k, o in enumerate(sample.objects):
+        mask = Image.new("L", (synth.IMAGE_SIZE, synth.IMAGE_SIZE), 0)
+        d = ImageDraw.Draw(mask)
+        x1, y1, x2, y2 = o.frame
+        if o.shape == "circle":
+            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=1)
+        elif o.shape == "square":
+            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=1)
+        else:
+            d.polygon(synth._polygon(o.shape, o.frame), fill=1)
+        cover[k] = np.asarray(mask, np.float32).reshape(GRID, cell, GRID, cell).mean(axis=(1, 3))
+    best, has = cover.argmax(0), cover.max(0) > 0.2
+    colors, shapes = list(synth.COLORS), list(synth.SHAPES)
+    color = np.where(has, np.array([colors.index(o.color) + 1 for o in sample.objects])[best], 0)
+    shape = np.where(has, np.array([shapes.index(o.shape) + 1 for o in sample.objects])[best], 0)
+    boxes = np.array([o.box for o in sample.objects], np.float32)[best] / synth.IMAGE_SIZE
+    rows, cols = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
+    pos = np.stack([(cols + 0.5) / GRID, (rows + 0.5) / GRID], -1).astype(np.float32)
+    return (torch.from_numpy(color.reshape(-1)).long(), torch.from_numpy(shape.reshape(-1)).long(),
+            torch.from_numpy(boxes.reshape(-1, 4)), torch.from_numpy(has.reshape(-1)),
+            torch.from_numpy(pos.reshape(-1, 2)))
+
+
+def object_cells(sample: synth.Sample) -> dict[tuple, torch.Tensor]:
+    """Merged-token indices (raster order) covered by each object, keyed by the object's box."""
+    color, _, _, has, _ = cell_targets(sample)
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    cell = synth.IMAGE_SIZE // GRID
+    out = {}
+    for o in sample.objects:
+        mask = Image.new("L", (synth.IMAGE_SIZE, synth.IMAGE_SIZE), 0)
+        d = ImageDraw.Draw(mask)
+        x1, y1, x2, y2 = o.frame
+        if o.shape == "circle":
+            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=1)
+        elif o.shape == "square":
+            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=1)
+        else:
+            d.polygon(synth._polygon(o.shape, o.frame), fill=1)
+        cover = np.asarray(mask, np.float32).reshape(GRID, cell, GRID, cell).mean(axis=(1, 3)).reshape(-1)
+        idx = np.nonzero(cover > 0.2)[0]
+        if idx.size == 0:
+            idx = np.array([int(cover.argmax())])
+        out[o.box] = torch.from_numpy(idx).long()
+    return out
+
+
+class AuxHeads(torch.nn.Module):
+    """Linear probes used for training only, never saved: on the vision tower's merged tokens (object
+    colour / shape / box, token position), and on the language model's last hidden state right before
+    each coordinate of an answer (that coordinate)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.color = torch.nn.Linear(dim, len(synth.COLORS) + 1)
+        self.shape = torch.nn.Linear(dim, len(synth.SHAPES) + 1)
+        self.box = torch.nn.Linear(dim, 4)
+        self.pos = torch.nn.Linear(dim, 2)
+        self.coord = torch.nn.Linear(dim, 4)
+
+    def coord_loss(self, hidden: torch.Tensor, anchor: torch.Tensor, target: torch.Tensor,
+                   attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L1 on the coordinate, and cross-entropy on the target's colour and shape, at each anchor."""
+        if anchor.numel() == 0:
+            zero = hidden.sum() * 0
+            return zero, zero
+        h = hidden[anchor[:, 0], anchor[:, 1]]
+        pred = self.coord(h).gather(1, anchor[:, 2:3]).squeeze(1)
+        f = torch.nn.functional
+        names = f.cross_entropy(self.color(h), attrs[:, 0] + 1) + f.cross_entropy(self.shape(h), attrs[:, 1] + 1)
+        return (pred - target).abs().mean(), names
+
+    def loss(self, feats: torch.Tensor, samples) -> tuple[torch.Tensor, dict[str, float]]:
+        t = [cell_targets(s) for s in samples]
+        color, shape, box, has, pos = (torch.cat([x[i] for x in t]) for i in range(5))
+        f = torch.nn.functional
+        lc = f.cross_entropy(self.color(feats), color)
+        ls = f.cross_entropy(self.shape(feats), shape)
+        lb = (self.box(feats)[has] - box[has]).abs().mean() if bool(has.any()) else feats.sum() * 0
+        lp = (self.pos(feats) - pos).abs().mean()
+        total = lc + ls + 10 * lb + 10 * lp
+        return total, {"color_ce": lc.item(), "shape_ce": ls.item(), "box_err_px": lb.item() * synth.IMAGE_SIZE,
+                       "pos_err_px": lp.item() * synth.IMAGE_SIZE}
+
+
+def _cosine(step: int, steps: int, warmup: int, lr: float, min_ratio: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return lr * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
+# -- evaluation during training ------------------------------------------------------------------
+@torch.no_grad()
+def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> dict[str, float]:
+    from ..inputs import build_inputs, user_message
+    from .boxes import iou, parse_qwen25_box
+
+    model.eval()
+    hits, ious, parsed = 0, 0.0, 0
+    for i in range(n):
+        s = synth.make_sample(seed, split, i)
+        inputs, _ = build_inputs(processor, user_message(s.question, [s.image]))
+        out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        box = parse_qwen25_box(text)
+        parsed += box is not None
+        v = iou(box, s.box)
+        ious += v
+        hits += v >= 0.5
+    model.train()
+    return {"acc": hits / n, "miou": ious / n, "parsed": parsed / n}
+
+
+# -- training ------------------------------------------------------------------------------------
+def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> dict:
+    """Train the toy model from scratch; writes the checkpoint, processor and training log to ``out_dir``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    r = recipe or ToyRecipe()
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
+    rng = random.Random(r.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(r.vocab_size, r.data_seed)
+    processor = build_toy_processor(tok)
+    cfg = toy_config(tok, r)
+    cfg._attn_implementation = "eager" if r.attn_weight > 0 else "sdpa"  # eager returns attention weights
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"toy model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)}")
+    t0 = time.time()
+    heads = AuxHeads(cfg.text_config.hidden_size)
+    visual = model.model.visual
+    vopt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=r.vision_lr, betas=(0.9, 0.98),
+                             weight_decay=r.weight_decay)
+    vision_index = 10**9  # stage-1 images come from their own part of the training stream
+    for vstep in range(r.vision_steps):
+        lr = _cosine(vstep, r.vision_steps, r.warmup_steps // 2, r.vision_lr, r.min_lr_ratio)
+        for g in vopt.param_groups:
+            g["lr"] = lr
+        samples = [synth.make_sample(r.data_seed, "train", vision_index + i) for i in range(r.vision_batch_size)]
+        vision_index += r.vision_batch_size
+        pix = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")
+        feats = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+        loss, parts = heads.loss(feats, samples)
+        vopt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
+        vopt.step()
+        if (vstep + 1) % 50 == 0:
+            log(f"vision step {vstep + 1} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + f" {time.time() - t0:.0f}s")
+    captured = {}
+    hook = visual.register_forward_hook(lambda m, a, o: captured.__setitem__("feats", o.pooler_output))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+         {"params": list(heads.parameters()), "weight_decay": 0.0}],
+        lr=r.lr, betas=(0.9, 0.98),
+    )
+    budget_s = r.minutes * 60
+    eval_s = 0.0  # time spent in validation, not counted against the training budget
+    history = []
+    step, seen, next_index = 0, 0, 0
+    ema = None
+    stopped_early = False
+    while step < r.steps:
+        if time.time() - t0 - eval_s > budget_s:
+            stopped_early = True
+            log(f"stopping at step {step}: the {r.minutes} minute budget is spent")
+            break
+        lr = _cosine(step, r.steps, r.warmup_steps, r.lr, r.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        samples = [synth.make_sample(r.data_seed, "train", next_index + i) for i in range(r.batch_size)]
+        next_index += r.batch_size
+        extras = [_extras(s, rng, rng.randint(0, r.queries_per_image - 1)) for s in samples]
+        batch = encode_training_batch(processor, samples, extras)
+        anchor, target, attrs = batch.pop("box_anchor"), batch.pop("box_target"), batch.pop("box_attrs")
+        attend = batch.pop("box_attend")
+        res = model(**batch, output_hidden_states=True, output_attentions=r.attn_weight > 0)
+        lm_loss = res.loss
+        aux, _ = heads.loss(captured.pop("feats"), samples)
+        coord, names = heads.coord_loss(res.hidden_states[-1], anchor, target, attrs)
+        loss = lm_loss + r.aux_weight * (aux + names) + r.coord_weight * coord
+        if r.attn_weight > 0:
+            att = attention_loss(res.attentions[r.attn_layer], anchor, attend)
+            loss = loss + r.attn_weight * att
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += len(samples)
+        ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
+        if step % 25 == 0:
+            log(f"step {step} images {seen} loss {ema:.4f} coord_err_px {coord.item() * synth.IMAGE_SIZE:.1f} "
+                f"names_ce {names.item():.3f} attn_nll {att.item() if r.attn_weight > 0 else 0:.3f} "
+                f"lr {lr:.2e} {time.time() - t0:.0f}s")
+        if r.eval_every and step % r.eval_every == 0:
+            te = time.time()
+            acc = quick_accuracy(model, processor, r.eval_samples, r.data_seed)
+            eval_s += time.time() - te
+            history.append({"step": step, "images": seen, "train_seconds": round(time.time() - t0 - eval_s, 1),
+                            "loss": round(ema, 4), **acc})
+            log(f"  val@{r.eval_samples}: acc {acc['acc']:.3f} mIoU {acc['miou']:.3f} parsed {acc['parsed']:.2f}")
+    hook.remove()
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    final = quick_accuracy(model, processor, r.eval_samples, r.data_seed)
+    history.append({"step": step, "images": seen, "train_seconds": round(time.time() - t0 - eval_s, 1),
+                    "loss": round(ema or 0, 4), **final})
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = {"recipe": asdict(r), "parameters": n_params, "steps": step, "images": seen,
+               "train_seconds": round(time.time() - t0 - eval_s, 1), "eval_seconds": round(eval_s, 1),
+               "stopped_early": stopped_early, "history": history}
+    (out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,90 @@
+"""The training pipeline of the embedded grounding model (a few steps), and the demo."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from ivcprune.grounding import synth, toy
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return toy.build_toy_processor(toy.train_tokenizer(512, corpus_size=300))
+
+
+def test_tokenizer_keeps_digits_single_and_special_tokens(processor):
+    tok = processor.tokenizer
+    assert tok.tokenize("[114, 341") == ["[", "1", "1", "4", ",", "Ġ", "3", "4", "1"]
+    for t in ("<|image_pad|>", "<|vision_start|>", "<|im_end|>"):
+        assert len(tok.encode(t)) == 1
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>x<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_training_batch_labels_and_anchors(processor):
+    tok = processor.tokenizer
+    samples = [synth.make_sample(0, "train", i) for i in range(2)]
+    extras = [toy._extras(s, random.Random(i), 2) for i, s in enumerate(samples)]
+    b = toy.encode_training_batch(processor, samples, extras)
+    assert b["pixel_values"].shape[0] == 2 * 1024 and (b["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
+        "<|image_pad|>")).sum() == 2 * 256
+    for row in range(2):
+        labelled = b["labels"][row][b["labels"][row] != -100]
+        text = tok.decode(labelled)
+        answers = [samples[row].answer] + [synth.format_answer(box, next(o.label for o in samples[row].objects
+                                                                         if o.box == box)) for _, box in extras[row]]
+        assert text == "".join(a + "<|im_end|>" for a in answers)  # replies only, each with its end token
+    # each coordinate's anchor is the token right before its digits, and its target the coordinate
+    for (row, pos, k), target in zip(b["box_anchor"].tolist(), b["box_target"].tolist()):
+        digits = ""
+        p = pos + 1
+        while tok.convert_ids_to_tokens(int(b["input_ids"][row, p])).isdigit():
+            digits += tok.convert_ids_to_tokens(int(b["input_ids"][row, p]))
+            p += 1
+        assert int(digits) == round(target * synth.IMAGE_SIZE)
+    assert len(b["box_attend"]) == b["box_anchor"].shape[0]
+
+
+def test_cell_targets_follow_the_objects():
+    s = synth.make_sample(0, "val", 1)
+    color, shape, box, has, pos = toy.cell_targets(s)
+    assert color.shape == (256,) and box.shape == (256, 4)
+    assert bool(has.any()) and bool((color[has] > 0).all()) and bool((color[~has] == 0).all())
+    cells = toy.object_cells(s)
+    for o in s.objects:
+        idx = cells[o.box]
+        assert idx.numel() >= 1
+        r, c = idx // 16, idx % 16
+        cx, cy = (c.float().mean() + 0.5) * 28, (r.float().mean() + 0.5) * 28
+        assert abs(cx - (o.box[0] + o.box[2]) / 2) < 28 and abs(cy - (o.box[1] + o.box[3]) / 2) < 28
+
+
+def test_train_toy_runs_and_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    r = toy.ToyRecipe(vision_steps=2, vision_batch_size=2, steps=3, batch_size=2, eval_every=0, eval_samples=2,
+                      warmup_steps=2, layers=4, attn_layer=1)
+    summary = toy.train(tmp_path / "ck", r, log=lambda m: None)
+    assert summary["steps"] == 3 and summary["images"] == 6
+    log = json.loads((tmp_path / "ck" / "training_log.json").read_text())
+    assert log["recipe"]["steps"] == 3 and log["history"][-1]["step"] == 3
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ck")
+    proc = AutoProcessor.from_pretrained(tmp_path / "ck")
+    assert model.config.model_type == "qwen2_5_vl" and model.config._attn_implementation == "sdpa"
+    assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not any("aux" in k or "coord" in k for k in model.state_dict())
+
+
+def test_demo_writes_pictures(tmp_path, capsys):
+    from ivcprune.demo import main
+
+    assert main(["--out", str(tmp_path), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| test-0 |" in out and "KV cache after prefill" in out
+    with Image.open(tmp_path / "sample_0.png") as im:
+        assert im.width > 900 and im.height > 448

@@ -151,14 +151,17 @@ class Pruner:
                     "not supported; run a fresh prefill of the whole prompt instead"
                 )
             return args, self._decode_kwargs(kwargs, record, past, q_len, ref.device)
-        if past > 0 and input_ids is not None and not bool(self.adapter.visual_mask(input_ids).any()):
-            return None  # a decode step (or text continuation) on an unpruned cache
+        # Past tokens without a pruning record: a decode step (or text continuation) on an unpruned cache,
+        # which must not overwrite the report of the last prefill.
+        fresh = past == 0
         if input_ids is None:
-            self._set_noop(q_len, "inputs_embeds without input_ids: visual spans cannot be located")
+            if fresh:
+                self._set_noop(q_len, "inputs_embeds without input_ids: visual spans cannot be located")
             return None
         spans = self.adapter.find_spans(input_ids[0], kwargs)
         if not spans:
-            self._set_noop(q_len, "no image or video tokens in the prompt")
+            if fresh:
+                self._set_noop(q_len, "no image or video tokens in the prompt")
             return None
         _check_cache(cache)
         self._state = _Forward(spans=spans, past=past, q_len=q_len)

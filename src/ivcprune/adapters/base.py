@@ -46,8 +46,6 @@ class Adapter:
     rotary: nn.Module
     num_kv_heads: int
     head_dim: int
-    image_token_id: int
-    video_token_id: int
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -57,10 +55,6 @@ class Adapter:
         return len(self.layers)
 
     # -- spans and positions -------------------------------------------------------------------
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask of the image and video placeholder tokens."""
-        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-
     def find_spans(self, input_ids: torch.Tensor, entry_kwargs: dict) -> list[Span]:
         raise NotImplementedError
 

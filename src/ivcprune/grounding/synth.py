@@ -149,6 +149,17 @@ def _lighting() -> np.ndarray:
 _LIGHT = _lighting()
 
 
+def draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    """Draw object ``o`` filled with ``fill`` (used for the picture and for masks)."""
+    x1, y1, x2, y2 = o.frame
+    if o.shape == "circle":
+        d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+    elif o.shape == "square":
+        d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+    else:
+        d.polygon(_polygon(o.shape, o.frame), fill=fill)
+
+
 def render(objs: list[Obj], rng: random.Random) -> Image.Image:
     """Background colour + pixel noise + grey clutter strokes, then the objects, under the world's lighting."""
     base = np.array([rng.randint(170, 245) for _ in range(3)], dtype=np.float32)
@@ -166,13 +177,7 @@ def render(objs: list[Obj], rng: random.Random) -> Image.Image:
             d.ellipse((x, y, x + s, y + s), fill=(g, g, g))
     for o in objs:
         rgb = tuple(int(np.clip(c + rng.randint(-18, 18), 0, 255)) for c in COLORS[o.color])
-        x1, y1, x2, y2 = o.frame
-        if o.shape == "circle":
-            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=rgb)
-        elif o.shape == "square":
-            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=rgb)
-        else:
-            d.polygon(_polygon(o.shape, o.frame), fill=rgb)
+        draw_shape(d, o, rgb)
     lit = np.asarray(img, dtype=np.float32) + _LIGHT
     return Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8))
 

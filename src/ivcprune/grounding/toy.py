@@ -251,9 +251,8 @@ def _extras(sample: synth.Sample, rng: random.Random, k: int):
 GRID = synth.IMAGE_SIZE // 28  # merged tokens per side
 
 
-def cell_targets(sample: synth.Sample):
-    """Per merged token (raster order): object colour and shape (0 = background), the covering object's
-    box (normalised), whether an object covers it, and the token's own centre (normalised)."""
+def _coverage(sample: synth.Sample):
+    """(objects, GRID, GRID): the fraction of each merged token's pixels each object covers."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -261,15 +260,17 @@ def cell_targets(sample: synth.Sample):
     cover = np.zeros((max(1, len(sample.objects)), GRID, GRID), np.float32)
     for k, o in enumerate(sample.objects):
         mask = Image.new("L", (synth.IMAGE_SIZE, synth.IMAGE_SIZE), 0)
-        d = ImageDraw.Draw(mask)
-        x1, y1, x2, y2 = o.frame
-        if o.shape == "circle":
-            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=1)
-        elif o.shape == "square":
-            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=1)
-        else:
-            d.polygon(synth._polygon(o.shape, o.frame), fill=1)
+        synth.draw_shape(ImageDraw.Draw(mask), o, 1)
         cover[k] = np.asarray(mask, np.float32).reshape(GRID, cell, GRID, cell).mean(axis=(1, 3))
+    return cover
+
+
+def cell_targets(sample: synth.Sample):
+    """Per merged token (raster order): object colour and shape (0 = background), the covering object's
+    box (normalised), whether an object covers it, and the token's own centre (normalised)."""
+    import numpy as np
+
+    cover = _coverage(sample)
     best, has = cover.argmax(0), cover.max(0) > 0.2
     colors, shapes = list(synth.COLORS), list(synth.SHAPES)
     color = np.where(has, np.array([colors.index(o.color) + 1 for o in sample.objects])[best], 0)
@@ -284,27 +285,13 @@ def cell_targets(sample: synth.Sample):
 
 def object_cells(sample: synth.Sample) -> dict[tuple, torch.Tensor]:
     """Merged-token indices (raster order) covered by each object, keyed by the object's box."""
-    color, _, _, has, _ = cell_targets(sample)
     import numpy as np
-    from PIL import Image, ImageDraw
 
-    cell = synth.IMAGE_SIZE // GRID
     out = {}
-    for o in sample.objects:
-        mask = Image.new("L", (synth.IMAGE_SIZE, synth.IMAGE_SIZE), 0)
-        d = ImageDraw.Draw(mask)
-        x1, y1, x2, y2 = o.frame
-        if o.shape == "circle":
-            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=1)
-        elif o.shape == "square":
-            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=1)
-        else:
-            d.polygon(synth._polygon(o.shape, o.frame), fill=1)
-        cover = np.asarray(mask, np.float32).reshape(GRID, cell, GRID, cell).mean(axis=(1, 3)).reshape(-1)
-        idx = np.nonzero(cover > 0.2)[0]
-        if idx.size == 0:
-            idx = np.array([int(cover.argmax())])
-        out[o.box] = torch.from_numpy(idx).long()
+    for o, cover in zip(sample.objects, _coverage(sample)):
+        flat = cover.reshape(-1)
+        idx = np.nonzero(flat > 0.2)[0]
+        out[o.box] = torch.from_numpy(idx if idx.size else np.array([int(flat.argmax())])).long()
     return out
 
 

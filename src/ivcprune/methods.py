@@ -256,7 +256,7 @@ class IVCPrune(PruningMethod):
                 mrope_section=rope.mrope_section,
             )
             if ablation == "ivc_only":
-                ranked = [torch.sort(s, descending=True, stable=True).indices for s in (cos_s, sin_s)]
+                ranked = [sel.stable_topk(s, L) for s in (cos_s, sin_s)]
                 groups["ivc_cos"], groups["ivc_sin"] = sel.interleave_rankings(ranked, target)
                 return SpanSelection(torch.cat(list(groups.values())).sort().values, groups)
             groups["ivc_cos"] = sel.stable_topk(cos_s, n_ivc)

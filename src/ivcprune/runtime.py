@@ -50,7 +50,7 @@ class SpanInput:
     start: int  # prompt position of the first token
     length: int
     grid: tuple[int, int, int] | None
-    positions: torch.Tensor  # (A, L) rotary position ids
+    positions: torch.Tensor  # (A, L) rotary position ids, on the CPU
     rope: Any  # adapters.RopeInfo
     visual_values: torch.Tensor | None  # (H, L, d), value vectors of layer K-1
     query_values: torch.Tensor | None  # (H, Q, d)
@@ -288,7 +288,9 @@ class Pruner:
                 q_idx = (~visual).nonzero().squeeze(1)[-1:]
                 notes.append(f"{s.kind} {i}: no text after the span; the last text token is the query")
             span_slice = slice(s.start, s.start + s.length)
-            positions = st.positions[:, span_slice]
+            # Index bookkeeping of a selection happens on the CPU (tiny tensors); values stay on the model's
+            # device for the similarity products.
+            positions = st.positions[:, span_slice].cpu()
             inp = SpanInput(
                 index=i,
                 kind=s.kind,

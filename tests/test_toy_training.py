@@ -16,9 +16,13 @@ def processor():
     return toy.build_toy_processor(toy.train_tokenizer(512, corpus_size=300))
 
 
-def test_tokenizer_keeps_digits_single_and_special_tokens(processor):
+def test_tokenizer_has_coordinate_tokens_and_special_tokens(processor):
     tok = processor.tokenizer
-    assert tok.tokenize("[114, 341") == ["[", "1", "1", "4", ",", "Ġ", "3", "4", "1"]
+    # every pixel coordinate is one token; larger numbers fall back to single digits
+    assert tok.tokenize("[114, 448, 1000") == ["[", "114", ",", "Ġ", "448", ",", "Ġ", "100", "0"]
+    answer = synth.format_answer((0, 7, 339, 448), "red circle")
+    assert tok.decode(tok.encode(answer)) == answer
+    assert toy.number_token_ids(tok)[:3] == tok.convert_tokens_to_ids(["0", "1", "2"])
     for t in ("<|image_pad|>", "<|vision_start|>", "<|im_end|>"):
         assert len(tok.encode(t)) == 1
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
@@ -88,3 +92,24 @@ def test_demo_writes_pictures(tmp_path, capsys):
     assert "| test-0 |" in out and "KV cache after prefill" in out
     with Image.open(tmp_path / "sample_0.png") as im:
         assert im.width > 900 and im.height > 448
+
+
+def test_model_card_has_recipe_curve_and_tables(tmp_path):
+    from ivcprune.grounding.card import write_card
+
+    recipe = {k: getattr(toy.ToyRecipe(), k) for k in ("seed", "data_seed", "batch_size", "queries_per_image", "lr",
+                                                       "warmup_steps", "min_lr_ratio", "weight_decay", "threads")}
+    history = [{"step": 300, "images": 2400, "train_seconds": 400.0, "loss": 0.5, "acc": 0.125, "miou": 0.2}]
+    (tmp_path / "training_log.json").write_text(json.dumps(
+        {"recipe": recipe, "parameters": 1_600_000, "steps": 300, "images": 2400, "train_seconds": 400.0,
+         "history": history}))
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 6}, "vision_config": {}}))
+    row = {"method": "none", "label": "unpruned", "accuracy": 0.8, "mean_iou": 0.7, "mean_kept_visual_ratio": 1.0,
+           "n_unparseable": 1, "n": 10, "accuracy_by_kind": {"attribute": 0.9, "ordinal": 0.5}}
+    pruned = {**row, "method": "ivc", "label": "IVC-Prune", "budget": 0.5, "layer": 3, "accuracy": 0.6,
+              "mean_kept_visual_ratio": 0.5, "accuracy_by_kind": {"attribute": 0.7}}
+    card = write_card(tmp_path, {"Methods": [row, pruned]}, {"Methods": "ivcprune eval ...", "train": "ivcprune train-toy"})
+    text = card.read_text()
+    assert "| 300 | 2400 | 400.0 | 0.5 | 12.5 | 0.200 |" in text  # learning curve row
+    assert "| IVC-Prune | 0.5 | 3 | 60.0 | 75.0% |" in text  # relative to unpruned
+    assert "| attribute | ordinal |" in text and "| IVC-Prune | 0.5 | 3 | 70.0 | - |" in text

@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
     from .grounding import evaluate as ev
     from .grounding.data import read_grounding_tsv, synthetic_items
 
-    args.model = _resolve_model_spec(args.model)
+    spec, args.model = args.model, _resolve_model_spec(args.model)
     methods = args.methods.split(",") if args.methods else [args.method]
     budgets = _float_list(args.budgets) if args.budgets else [args.budget]
     layers = _int_list(args.layers) if args.layers else [args.layer]
@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
             from .adapters import get_adapter
 
             resolved = method.resolve(get_adapter(model))
-        info = {"name": name, "model": args.model, "data": args.data, "method": m, "label": ev.METHOD_LABELS[m],
+        info = {"name": name, "model": spec, "model_path": args.model, "data": args.data, "method": m, "label": ev.METHOD_LABELS[m],
                 "budget": resolved.get("budget") if method else None,
                 "layer": resolved.get("layer") if method else None, "config": resolved,
                 "seed": args.seed if args.data == "synthetic" else None,

@@ -4,9 +4,10 @@ A handful of synthetic grounding samples, unpruned vs IVC-Prune at 50%: answers 
 prefill / decode / KV-cache figures, and one picture per sample (true and predicted boxes, and the
 visual tokens coloured by kind: IVC / seed / foreground / pruned).
 
-It runs the embedded grounding model when the package ships one (``ivcprune.grounding.toy.TOY_DIR``);
-until then a small Qwen2.5-VL-architecture checkpoint with random weights stands in, whose answers are
-noise: the demo then shows the machinery (what is kept, what it saves), not accuracy.
+It runs the embedded grounding model (``ivcprune.grounding.toy.TOY_DIR``, trained by ``ivcprune train-toy``).
+Where that folder is missing (e.g. an install without package data), a small Qwen2.5-VL-architecture
+checkpoint with random weights stands in, whose answers are noise: the demo then shows the machinery
+(what is kept, what it saves), not accuracy.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {ckpt} (Qwen2.5-VL architecture, {model.config.text_config.num_hidden_layers} layers), "
           f"IVC-Prune budget {args.budget} at K={pruner.last_report.layer}")
     if not trained:
-        print("note: random weights (the embedded grounding model is not built yet): answers are noise, the "
+        print("note: random weights (the embedded grounding model is missing): answers are noise, the "
               "kept tokens and the savings are real")
     print()
     print("| sample | expression | unpruned answer | IoU | IVC-Prune answer | IoU |\n|---|---|---|---|---|---|")

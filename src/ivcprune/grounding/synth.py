@@ -29,7 +29,7 @@ COLORS = {
     "purple": (150, 60, 190),
     "orange": (245, 130, 20),
 }
-SIZES = {"small": (34, 52), "large": (74, 104)}
+SIZES = {"small": (48, 72), "large": (88, 128)}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 ORDINALS = ("first", "second", "third")
 RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}

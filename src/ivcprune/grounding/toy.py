@@ -42,12 +42,15 @@ class ToyRecipe:
     vision_lr: float = 2e-3
     # stage 2: the whole model on grounding chats (plus the stage-1 targets, weighted by aux_weight)
     aux_weight: float = 0.5
-    coord_weight: float = 10.0
+    # coordinates: the next-token distribution over coordinate tokens is also trained against a Gaussian
+    # around the true value (an ordered target: near misses cost less)
+    coord_weight: float = 1.0
+    coord_sigma: float = 3.0
     # one head of one middle layer is taught where to look: at the target object's tokens
     attn_weight: float = 1.0
     attn_layer: int = 3
     # a fixed number of steps (reproducible); `minutes` is only a safety stop for the whole run
-    steps: int = 2200
+    steps: int = 3100
     minutes: float = 58.0
     batch_size: int = 8
     queries_per_image: int = 3
@@ -56,8 +59,8 @@ class ToyRecipe:
     warmup_steps: int = 200
     weight_decay: float = 0.05
     threads: int = 2
-    eval_every: int = 250
-    eval_samples: int = 200
+    eval_every: int = 300
+    eval_samples: int = 100
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -70,9 +73,23 @@ def _corpus(n: int, seed: int):
         yield s.answer
 
 
+NUMBER_TOKENS = synth.IMAGE_SIZE + 1  # "0" ... "448": every pixel coordinate of the resized image
+
+
+def number_token_ids(tokenizer) -> list[int]:
+    """Ids of the whole-number tokens "0", "1", ... (index = value)."""
+    ids = tokenizer.convert_tokens_to_ids([str(i) for i in range(NUMBER_TOKENS)])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError("this tokenizer has no whole-number tokens")
+    return ids
+
+
 def train_tokenizer(vocab_size: int = 512, seed: int = 0, corpus_size: int = 3000):
-    """Byte-level BPE trained on the task's prompts and answers; digits stay single tokens (as Qwen's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on the task's prompts and answers, plus one token per pixel coordinate
+    ("0" ... "448", matched longest-first; other numbers fall back to single digits). A coordinate is
+    then one prediction, as with the coordinate tokens of Pix2Seq-style detectors, while the answer text
+    stays Qwen2.5-VL's."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
@@ -87,6 +104,7 @@ def train_tokenizer(vocab_size: int = 512, seed: int = 0, corpus_size: int = 300
         show_progress=False,
     )
     core.train_from_iterator(_corpus(corpus_size, seed), trainer=trainer)
+    core.add_tokens([AddedToken(str(i), normalized=False) for i in range(NUMBER_TOKENS)])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -94,6 +112,20 @@ def train_tokenizer(vocab_size: int = 512, seed: int = 0, corpus_size: int = 300
         model_max_length=4096,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def init_number_embeddings(model, tokenizer, scale: float = 0.05) -> None:
+    """Give the coordinate tokens an ordered start: the first dimensions of token ``n`` get cos/sin
+    features of ``n`` at periods 896, 448, ..., 14, so nearby coordinates start with similar embeddings
+    (tied input/output embeddings: predicting a coordinate starts as a smooth readout)."""
+    ids = torch.tensor(number_token_ids(tokenizer))
+    n = torch.arange(NUMBER_TOKENS, dtype=torch.float32)
+    periods = [2.0 * synth.IMAGE_SIZE / 2**k for k in range(7)]
+    feats = torch.cat([torch.stack([torch.cos(2 * math.pi * n / p), torch.sin(2 * math.pi * n / p)], 1)
+                       for p in periods], 1)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[ids, : feats.shape[1]] += scale * feats
 
 
 def build_toy_processor(tokenizer):
@@ -181,7 +213,7 @@ def encode_training_batch(processor, samples, extras):
     header = tok.encode("<|im_start|>assistant\n")
     end = tok.convert_tokens_to_ids("<|im_end|>")
     h = len(header)
-    digit_ids = {tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    digit_ids = set(number_token_ids(tok))
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     anchors, targets, attrs, attend = [], [], [], []
     for b in range(ids.shape[0]):
@@ -203,7 +235,7 @@ def encode_training_batch(processor, samples, extras):
                     j += 1
                 if j < len(row):
                     labels[b, j] = end
-                # the first digit run is the "2" of "bbox_2d"; the next four are the coordinates
+                # the first number is the "2" of "bbox_2d"; the next four are the coordinates
                 obj = by_box[boxes[answer]]
                 for k, pos in enumerate(starts[1:5]):
                     anchors.append((b, pos - 1, k))
@@ -295,30 +327,47 @@ def object_cells(sample: synth.Sample) -> dict[tuple, torch.Tensor]:
     return out
 
 
+BOX_BINS = synth.IMAGE_SIZE // 8  # the vision tower's ordered box targets: 8-pixel bins
+
+
+def soft_bin_loss(logits: torch.Tensor, value: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy against a Gaussian around ``value`` (in bins; bin ``i`` is centred on ``i``), and the
+    absolute error of the predicted mean, in bins. Ordered classes: a near miss costs less than a far one,
+    and the information lives in which logit is largest, which survives the averaging of attention."""
+    centres = torch.arange(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    target = torch.softmax(-((centres - value.unsqueeze(-1)) ** 2) / (2 * sigma**2), -1)
+    logp = torch.log_softmax(logits, -1)
+    err = ((logp.exp() * centres).sum(-1) - value).abs().mean()
+    return -(target * logp).sum(-1).mean(), err.detach()
+
+
 class AuxHeads(torch.nn.Module):
     """Linear probes used for training only, never saved: on the vision tower's merged tokens (object
-    colour / shape / box, token position), and on the language model's last hidden state right before
-    each coordinate of an answer (that coordinate)."""
+    colour / shape, the covering object's box as values and as ordered classes, token position), and on
+    the language model's last hidden state right before each coordinate of an answer (the object's
+    colour and shape)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.color = torch.nn.Linear(dim, len(synth.COLORS) + 1)
         self.shape = torch.nn.Linear(dim, len(synth.SHAPES) + 1)
         self.box = torch.nn.Linear(dim, 4)
+        self.box_bins = torch.nn.Linear(dim, 4 * BOX_BINS)
         self.pos = torch.nn.Linear(dim, 2)
-        self.coord = torch.nn.Linear(dim, 4)
 
-    def coord_loss(self, hidden: torch.Tensor, anchor: torch.Tensor, target: torch.Tensor,
-                   attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L1 on the coordinate, and cross-entropy on the target's colour and shape, at each anchor."""
+    def coord_loss(self, logits: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, target: torch.Tensor,
+                   attrs: torch.Tensor, number_ids: torch.Tensor, sigma: float):
+        """At each anchor: the language model's next-token distribution over the coordinate tokens
+        against a Gaussian around the true coordinate (``sigma`` pixels), its mean error in pixels, and
+        cross-entropy of probes for the target's colour and shape."""
         if anchor.numel() == 0:
             zero = hidden.sum() * 0
-            return zero, zero
+            return zero, zero, zero
         h = hidden[anchor[:, 0], anchor[:, 1]]
-        pred = self.coord(h).gather(1, anchor[:, 2:3]).squeeze(1)
+        coord, err = soft_bin_loss(logits[anchor[:, 0], anchor[:, 1]][:, number_ids], target * synth.IMAGE_SIZE, sigma)
         f = torch.nn.functional
         names = f.cross_entropy(self.color(h), attrs[:, 0] + 1) + f.cross_entropy(self.shape(h), attrs[:, 1] + 1)
-        return (pred - target).abs().mean(), names
+        return coord, err, names
 
     def loss(self, feats: torch.Tensor, samples) -> tuple[torch.Tensor, dict[str, float]]:
         t = [cell_targets(s) for s in samples]
@@ -326,10 +375,16 @@ class AuxHeads(torch.nn.Module):
         f = torch.nn.functional
         lc = f.cross_entropy(self.color(feats), color)
         ls = f.cross_entropy(self.shape(feats), shape)
-        lb = (self.box(feats)[has] - box[has]).abs().mean() if bool(has.any()) else feats.sum() * 0
+        if bool(has.any()):  # the box both as a value (L1) and as ordered classes
+            lb = (self.box(feats[has]) - box[has]).abs().mean()
+            lbc, ebc = soft_bin_loss(self.box_bins(feats[has]).view(-1, 4, BOX_BINS), box[has] * BOX_BINS - 0.5, 1.0)
+        else:
+            lb = lbc = feats.sum() * 0
+            ebc = torch.zeros(())
         lp = (self.pos(feats) - pos).abs().mean()
-        total = lc + ls + 10 * lb + 10 * lp
+        total = lc + ls + 10 * lb + lbc + 10 * lp
         return total, {"color_ce": lc.item(), "shape_ce": ls.item(), "box_err_px": lb.item() * synth.IMAGE_SIZE,
+                       "box_bins_err_px": ebc.item() * synth.IMAGE_SIZE / BOX_BINS,
                        "pos_err_px": lp.item() * synth.IMAGE_SIZE}
 
 
@@ -376,6 +431,8 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
     cfg = toy_config(tok, r)
     cfg._attn_implementation = "eager" if r.attn_weight > 0 else "sdpa"  # eager returns attention weights
     model = Qwen2_5_VLForConditionalGeneration(cfg)
+    init_number_embeddings(model, tok)
+    number_ids = torch.tensor(number_token_ids(tok))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"toy model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)}")
@@ -411,6 +468,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
         lr=r.lr, betas=(0.9, 0.98),
     )
     budget_s = r.minutes * 60
+    t_stage2 = time.time()
     eval_s = 0.0  # time spent in validation, not counted against the training budget
     history = []
     step, seen, next_index = 0, 0, 0
@@ -421,7 +479,10 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
             stopped_early = True
             log(f"stopping at step {step}: the {r.minutes} minute budget is spent")
             break
-        lr = _cosine(step, r.steps, r.warmup_steps, r.lr, r.min_lr_ratio)
+        # the schedule follows the step count; on a machine too slow for `steps` within `minutes` it
+        # follows the clock instead, so that a cut-short run still ends with a decayed learning rate
+        spent = (time.time() - t_stage2 - eval_s) / max(1.0, budget_s - (t_stage2 - t0))
+        lr = _cosine(max(step, int(spent * r.steps)), r.steps, r.warmup_steps, r.lr, r.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         samples = [synth.make_sample(r.data_seed, "train", next_index + i) for i in range(r.batch_size)]
@@ -433,7 +494,8 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
         res = model(**batch, output_hidden_states=True, output_attentions=r.attn_weight > 0)
         lm_loss = res.loss
         aux, _ = heads.loss(captured.pop("feats"), samples)
-        coord, names = heads.coord_loss(res.hidden_states[-1], anchor, target, attrs)
+        coord, coord_err, names = heads.coord_loss(res.logits, res.hidden_states[-1], anchor, target, attrs,
+                                                   number_ids, r.coord_sigma)
         loss = lm_loss + r.aux_weight * (aux + names) + r.coord_weight * coord
         if r.attn_weight > 0:
             att = attention_loss(res.attentions[r.attn_layer], anchor, attend)
@@ -446,7 +508,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
         seen += len(samples)
         ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
         if step % 25 == 0:
-            log(f"step {step} images {seen} loss {ema:.4f} coord_err_px {coord.item() * synth.IMAGE_SIZE:.1f} "
+            log(f"step {step} images {seen} loss {ema:.4f} coord_err_px {coord_err.item():.1f} "
                 f"names_ce {names.item():.3f} attn_nll {att.item() if r.attn_weight > 0 else 0:.3f} "
                 f"lr {lr:.2e} {time.time() - t0:.0f}s")
         if r.eval_every and step % r.eval_every == 0:

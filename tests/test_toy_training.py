@@ -18,7 +18,7 @@ def processor():
 
 def test_tokenizer_has_coordinate_tokens_and_special_tokens(processor):
     tok = processor.tokenizer
-    # every pixel coordinate is one token; larger numbers fall back to single digits
+    # every pixel coordinate is one token; larger numbers split into such pieces
     assert tok.tokenize("[114, 448, 1000") == ["[", "114", ",", "Ġ", "448", ",", "Ġ", "100", "0"]
     answer = synth.format_answer((0, 7, 339, 448), "red circle")
     assert tok.decode(tok.encode(answer)) == answer
@@ -113,3 +113,15 @@ def test_model_card_has_recipe_curve_and_tables(tmp_path):
     assert "| 300 | 2400 | 400.0 | 0.5 | 12.5 | 0.200 |" in text  # learning curve row
     assert "| IVC-Prune | 0.5 | 3 | 60.0 | 75.0% |" in text  # relative to unpruned
     assert "| attribute | ordinal |" in text and "| IVC-Prune | 0.5 | 3 | 70.0 | - |" in text
+
+
+def test_soft_bin_loss_prefers_near_misses_and_reports_the_error():
+    import torch
+
+    logits = torch.full((3, 449), -20.0)
+    for row, guess in enumerate((100, 104, 300)):
+        logits[row, guess] = 20.0
+    target = torch.full((3,), 100.0)
+    losses = [toy.soft_bin_loss(logits[i : i + 1], target[i : i + 1], 3.0) for i in range(3)]
+    assert losses[0][0] < losses[1][0] < losses[2][0]  # exact < 4 px off < 200 px off
+    assert [round(float(e)) for _, e in losses] == [0, 4, 200]

@@ -86,7 +86,7 @@ def number_token_ids(tokenizer) -> list[int]:
 
 def train_tokenizer(vocab_size: int = 512, seed: int = 0, corpus_size: int = 3000):
     """Byte-level BPE trained on the task's prompts and answers, plus one token per pixel coordinate
-    ("0" ... "448", matched longest-first; other numbers fall back to single digits). A coordinate is
+    ("0" ... "448", matched longest-first; larger numbers split into such pieces). A coordinate is
     then one prediction, as with the coordinate tokens of Pix2Seq-style detectors, while the answer text
     stays Qwen2.5-VL's."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers

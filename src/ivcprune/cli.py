@@ -199,7 +199,8 @@ def cmd_eval(args) -> int:
             from .adapters import get_adapter
 
             resolved = method.resolve(get_adapter(model))
-        info = {"name": name, "model": spec, "model_path": args.model, "data": args.data, "method": m, "label": ev.METHOD_LABELS[m],
+        info = {"name": name, "model": spec, "model_path": args.model, "data": args.data, "method": m,
+                "label": ev.METHOD_LABELS[m],
                 "budget": resolved.get("budget") if method else None,
                 "layer": resolved.get("layer") if method else None, "config": resolved,
                 "seed": args.seed if args.data == "synthetic" else None,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import comparison_markdown
+from . import synth
+from .evaluate import comparison_markdown, run_cells
+from .toy import NUMBER_TOKENS
 
 
 def learning_curve_markdown(history: list[dict]) -> str:
@@ -21,11 +23,8 @@ def by_kind_markdown(rows: list[dict]) -> str:
     kinds = sorted({k for r in rows for k in r.get("accuracy_by_kind", {})})
     lines = ["| method | budget | K | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
     for r in rows:
-        pruned = r.get("method") != "none"
         acc = r.get("accuracy_by_kind", {})
-        lines.append(f"| {r.get('label', r.get('method'))} | {r.get('budget') if pruned else '-'} | "
-                     f"{r.get('layer') if pruned else '-'} | "
-                     + " | ".join(f"{100 * acc[k]:.1f}" if k in acc else "-" for k in kinds) + " |")
+        lines.append(f"{run_cells(r)} " + " | ".join(f"{100 * acc[k]:.1f}" if k in acc else "-" for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -57,15 +56,17 @@ def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: 
         f"{text.get('intermediate_size')}, M-RoPE sections {text.get('rope_parameters', {}).get('mrope_section')}, "
         f"RoPE base {text.get('rope_parameters', {}).get('rope_theta')}",
         f"- {log['parameters'] / 1e6:.2f}M parameters, {weights / 2**20:.1f} MiB of float32 safetensors",
-        f"- tokenizer: byte-level BPE trained here ({text.get('vocab_size')} tokens: 432 BPE tokens with Qwen's "
-        "special tokens and chat format, plus one token per pixel coordinate 0-448, Pix2Seq-style; the answer "
-        "text is Qwen2.5-VL's); processor: transformers' Qwen2.5-VL processor "
+        f"- tokenizer: byte-level BPE trained here ({text.get('vocab_size')} tokens with Qwen's special "
+        f"tokens and chat format, one of them per pixel coordinate 0-{NUMBER_TOKENS - 1}, Pix2Seq-style; the "
+        "answer text is Qwen2.5-VL's); processor: transformers' Qwen2.5-VL processor "
         "(`AutoProcessor.from_pretrained` on this folder)",
         "",
         "## Data",
         "",
         "`ivcprune.grounding.synth`: 448x448 images with 3-6 objects (circle, square, triangle, star, diamond x "
-        "red, green, blue, yellow, purple, orange x small (48-72 px) / large (88-128 px)) on a noisy background with grey clutter; "
+        "red, green, blue, yellow, purple, orange x "
+        + " / ".join(f"{k} ({lo}-{hi} px)" for k, (lo, hi) in synth.SIZES.items())
+        + ") on a noisy background with grey clutter; "
         "expressions by appearance (\"the red circle\"), appearance and size (\"the small blue square\"), relation "
         "(\"the red circle left of the green triangle\") and order (\"the second star from the top\"), each "
         "emitted only when it singles out one object. Splits are separate random streams (train / val / test) "

@@ -174,6 +174,12 @@ def run_eval(model, processor, items: Iterable[GroundingItem], method: PruningMe
     return metrics
 
 
+def run_cells(r: dict[str, Any]) -> str:
+    """The leading cells of a run's table row: method label, budget and K ("-" for the unpruned run)."""
+    pruned = r.get("method") != "none"
+    return f"| {r.get('label', r.get('method'))} | {r.get('budget') if pruned else '-'} | {r.get('layer') if pruned else '-'} |"
+
+
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     """One table over several runs; relative accuracy against the unpruned run when there is one."""
     base = next((r for r in rows if r.get("method") == "none"), None)
@@ -183,10 +189,8 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         rel = f"{100 * r['accuracy'] / base['accuracy']:.1f}%" if base and base["accuracy"] else "n/a"
-        budget = "-" if r.get("method") == "none" else r.get("budget")
-        layer = "-" if r.get("method") == "none" else r.get("layer")
         lines.append(
-            f"| {r.get('label', r.get('method'))} | {budget} | {layer} | {100 * r['accuracy']:.1f} | {rel} "
+            f"{run_cells(r)} {100 * r['accuracy']:.1f} | {rel} "
             f"| {r['mean_iou']:.3f} | {100 * r['mean_kept_visual_ratio']:.1f}% | {r['n_unparseable']} | {r['n']} |"
         )
     return "\n".join(lines)

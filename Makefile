@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q $(TORCH_PINS) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed

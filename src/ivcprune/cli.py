@@ -1,4 +1,4 @@
-"""``ivcprune`` command line: generate, bench."""
+"""``ivcprune`` command line: generate, bench, eval, score, compare, train-toy."""
 
 from __future__ import annotations
 
@@ -54,12 +54,13 @@ def _method_from_args(args):
     return None
 
 
-def _load(args):
+def _load(args, local_rank: int | None = None):
     import torch
 
     from .models import load_model, parse_overrides
 
-    device_map = args.device_map or ("cuda" if torch.cuda.is_available() else None)
+    default = "cuda" if local_rank is None else f"cuda:{local_rank}"
+    device_map = args.device_map or (default if torch.cuda.is_available() else None)
     overrides = parse_overrides(args.overrides)
     if overrides and not args.model.startswith("random:"):
         raise SystemExit("--set only applies to random:NAME models")
@@ -151,13 +152,12 @@ def cmd_bench(args) -> int:
 
 
 def _resolve_model_spec(spec: str) -> str:
-    if spec == "toy":
-        from .grounding.toy import TOY_DIR
+    from .models import resolve_model_spec
 
-        if not (TOY_DIR / "config.json").exists():
-            raise SystemExit(f"the embedded toy model is missing ({TOY_DIR}); train it with `ivcprune train-toy`")
-        return str(TOY_DIR)
-    return spec
+    try:
+        return resolve_model_spec(spec)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _float_list(text: str | None):
@@ -169,8 +169,10 @@ def _int_list(text: str | None):
 
 
 def cmd_eval(args) -> int:
+    from .evals.benchmarks import load_benchmark
+    from .evals.runner import init_distributed, run_resumable
+    from .evals.tasks import authors_pixels, predict_sample
     from .grounding import evaluate as ev
-    from .grounding.data import read_grounding_tsv, synthetic_items
 
     spec, args.model = args.model, _resolve_model_spec(args.model)
     methods = args.methods.split(",") if args.methods else [args.method]
@@ -180,45 +182,117 @@ def cmd_eval(args) -> int:
     knobs = dict(ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
                  foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic, seed=args.random_seed)
     built = [(name, m, b, k, ev.make_eval_method(m, b, k, **knobs)) for name, m, b, k in runs]  # bad knobs fail here
-    if args.data != "synthetic" and not os.path.exists(args.data):
-        raise SystemExit(f"data not found: {args.data} (use 'synthetic' or a grounding TSV)")
-    model, processor = _load(args)
+    benches = []
+    for data in args.data.split(","):
+        try:
+            benches.append(load_benchmark(data, task=args.task, split=args.split, data_dir=args.data_dir, n=args.n,
+                                          seed=args.seed, gt_frame=args.gt_frame, refs=args.refs))
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    dist = init_distributed()
+    if dist.world > 1 and args.device_map == "auto":
+        raise SystemExit("--device-map auto spreads one model over all GPUs: run it as one process; under torchrun "
+                         "each rank takes the GPU of its LOCAL_RANK")
+    model, processor = _load(args, dist.local_rank if dist.world > 1 else None)
     if processor is None:
         raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
+    family = args.style or model.config.model_type
     out = Path(args.out)
     rows = []
-    for name, m, b, k, method in built:
-        if args.data == "synthetic":
-            items, total, skipped = synthetic_items(args.n, seed=args.seed, split=args.split), args.n, []
-        else:
-            skipped = []
-            items, total = read_grounding_tsv(args.data, gt_frame=args.gt_frame, skipped=skipped), None
-        run_dir = out if len(built) == 1 else out / name
-        resolved = {}
-        if method is not None:
-            from .adapters import get_adapter
+    for bench in benches:
+        if bench.total is None and bench.source.lower().endswith(".tsv") and not args.quiet and dist.rank == 0:
+            from .evals.benchmarks import count_rows
 
-            resolved = method.resolve(get_adapter(model))
-        info = {"name": name, "model": spec, "model_path": args.model, "data": args.data, "method": m,
-                "label": ev.METHOD_LABELS[m],
-                "budget": resolved.get("budget") if method else None,
-                "layer": resolved.get("layer") if method else None, "config": resolved,
-                "seed": args.seed if args.data == "synthetic" else None,
-                "split": args.split if args.data == "synthetic" else None}
-        metrics = ev.run_eval(model, processor, items, method, run_dir, info=info, total=total,
-                              style=args.style, prompt=args.prompt_template, max_new_tokens=args.max_new_tokens,
-                              skipped=skipped, progress=not args.quiet)
-        rows.append(metrics)
-        if skipped:
-            print(f"{name}: skipped {len(skipped)} malformed rows, e.g. row {skipped[0].index}: {skipped[0].reason}",
-                  file=sys.stderr)
-        print(f"{name}: Acc@0.5 {100 * metrics['accuracy']:.1f}  mIoU {metrics['mean_iou']:.3f}  "
-              f"kept {100 * metrics['mean_kept_visual_ratio']:.1f}%  n {metrics['n']}  -> {run_dir}", file=sys.stderr)
-    table = ev.comparison_markdown(rows)
-    if len(built) > 1:
+            bench.total = count_rows(bench.source)  # rows, malformed ones included
+        bench_dir = out / bench.name if len(benches) > 1 else out
+        for name, m, b, k, method in built:
+            run_dir = bench_dir if len(built) == 1 else bench_dir / name
+            resolved = {}
+            if method is not None:
+                from .adapters import get_adapter
+
+                resolved = method.resolve(get_adapter(model))
+            prompt = args.prompt_template
+            if bench.task == "grounding" and prompt is None:
+                prompt = ev.PROMPTS.get(family, ev.PROMPTS["qwen2_5_vl"])
+            info = {"name": name, "model": spec, "model_path": args.model, "data": args.data if len(benches) == 1
+                    else bench.name, "benchmark": bench.name, "source": bench.source, "task": bench.task,
+                    "method": m, "label": ev.METHOD_LABELS[m],
+                    "budget": resolved.get("budget") if method else None,
+                    "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
+                    "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+                    "seed": args.seed if bench.source == "synthetic" else None,
+                    "split": bench.split}
+            lo, hi = authors_pixels(model.config, bench.task)
+            pixels = (args.min_pixels or lo, args.max_pixels or hi)
+            info["pixels"] = list(pixels)
+            skipped: list = []
+
+            def predict(sample, method=method, prompt=prompt, pixels=pixels):
+                return predict_sample(model, processor, sample, method, family=family,
+                                      max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels)
+
+            metrics = run_resumable(bench.open(skipped), predict, run_dir, info=info, total=bench.total,
+                                    progress=not args.quiet, dist=dist, skipped=skipped)
+            if metrics is None:  # not rank 0
+                continue
+            rows.append(metrics)
+            if skipped:
+                print(f"{bench.name} {name}: skipped {len(skipped)} malformed rows, e.g. row {skipped[0].index}: "
+                      f"{skipped[0].reason}", file=sys.stderr)
+            print(f"{bench.name} {name}: score {metrics['score']:.1f}  kept {100 * metrics['mean_kept_visual_ratio']:.1f}%"
+                  f"  n {metrics['n']}  -> {run_dir}", file=sys.stderr)
+    if dist.rank != 0:
+        return 0
+    if all(r["task"] == "grounding" for r in rows) and len(benches) == 1:
+        table = ev.comparison_markdown(rows)
+    else:
+        from .evals.runner import compare_table
+
+        table, _ = compare_table(rows)
+    if len(built) > 1 or len(benches) > 1:
         (out / "comparison.md").write_text(table + "\n")
         (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     print(table)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .evals.runner import find_runs, score_run
+
+    dirs = []
+    for p in map(Path, args.run_dir):
+        if any(p.glob("predictions*.jsonl")):
+            dirs.append(p)
+        else:
+            dirs.extend(sorted({q.parent for q in [*p.glob("*/predictions*.jsonl"), *p.glob("*/*/predictions*.jsonl")]}))
+        if not dirs:
+            raise SystemExit(f"{p}: no predictions.jsonl here or below")
+    results = [score_run(d) for d in dirs]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for d, m in zip(dirs, results):
+        print(f"{d}: {m.get('benchmark') or m.get('data')} {m.get('label', m.get('method'))}: score {m['score']:.2f} "
+              f"n {m['n']}", file=sys.stderr)
+    from .evals.runner import compare_table
+
+    table, _ = compare_table(find_runs(dirs))
+    print(table)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .evals.runner import compare_table, find_runs
+
+    try:
+        runs = find_runs(args.run_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    table, rows = compare_table(runs)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    print(json.dumps(rows, indent=2) if args.json else table)
     return 0
 
 
@@ -269,26 +343,56 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     b.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("eval", help="grounding accuracy (Acc@0.5), pruned and unpruned; comparison tables")
+    e = sub.add_parser("eval", help="benchmarks (grounding, multiple choice, yes/no), pruned and unpruned; "
+                                    "resumable, data-parallel under torchrun")
     _add_model_args(e)
     _add_method_args(e, default="none", choices=("none", "ivc", "random", "ivc_only", "no_ivc", "no_foreground"))
-    e.add_argument("--data", required=True, help="'synthetic' or a VLMEvalKit grounding TSV")
+    e.add_argument("--data", required=True,
+                   help="comma list of: 'synthetic', a VLMEvalKit TSV, an lmms-lab RefCOCO parquet file or folder, "
+                        "or a benchmark name (MMBench_DEV_EN_V11, SEEDBench_IMG, MMStar, RealWorldQA, MME, POPE, "
+                        "refcoco_val/testA/testB, refcoco+_val/testA/testB, refcocog_val/test)")
+    e.add_argument("--data-dir", default=None,
+                   help="folder with benchmark TSVs / RefCOCO datasets (default: $LMUData, ~/LMUData, HF cache)")
+    e.add_argument("--task", default=None, choices=["grounding", "mcq", "yesno"],
+                   help="task of a TSV whose name does not tell (default: from the name and columns)")
+    e.add_argument("--split", default=None,
+                   help="synthetic: train|val|test (default test); RefCOCO folder: val|test|testA|testB")
+    e.add_argument("--refs", default="all", choices=["all", "first"],
+                   help="RefCOCO parquet: every referring expression of an object, or its first")
     e.add_argument("--n", type=int, default=1000, help="synthetic: number of samples")
     e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic: split")
     e.add_argument("--gt-frame", default="original", choices=["original", "resized28"],
-                   help="TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded to 28)")
+                   help="grounding TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded "
+                        "to 28)")
     e.add_argument("--methods", default=None,
                    help="comparison: comma list of none,ivc,random,ivc_only,no_ivc,no_foreground")
     e.add_argument("--budgets", default=None, help="comparison: comma list of budgets")
     e.add_argument("--layers", default=None, help="comparison: comma list of K")
     e.add_argument("--style", default=None, choices=["qwen2_5_vl", "qwen2_vl"],
-                   help="answer format (default: the model's family)")
-    e.add_argument("--prompt-template", default=None, help="prompt with {ref} for the referring expression")
-    e.add_argument("--max-new-tokens", type=int, default=64)
+                   help="prompt and answer format (default: the model's family)")
+    e.add_argument("--prompt-template", default=None,
+                   help="grounding: prompt with {ref}; multiple choice / yes-no: with {prompt} (the built prompt) "
+                        "and/or {question}")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 64 grounding, 32 multiple choice, 16 yes/no")
+    e.add_argument("--min-pixels", type=int, default=None,
+                   help="resize images to at least this many pixels (default: the authors' setting for the model "
+                        "and task, see README)")
+    e.add_argument("--max-pixels", type=int, default=None, help="... and at most this many (default: the authors')")
     e.add_argument("--out", required=True, help="output directory (resumed if it holds predictions)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("score", help="recompute metrics.json of runs from their predictions alone")
+    s.add_argument("run_dir", nargs="+", help="run directories (or folders holding them)")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    s.set_defaults(func=cmd_score)
+
+    c = sub.add_parser("compare", help="one markdown table over runs: score and relative score per benchmark")
+    c.add_argument("run_dir", nargs="+", help="run directories (or folders holding them)")
+    c.add_argument("--out", default=None, help="also write the table to this file")
+    c.add_argument("--json", action="store_true", help="print the rows as JSON")
+    c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("train-toy", help="train the embedded grounding model from scratch (CPU, about an hour)")
     t.add_argument("--out", required=True, help="output checkpoint directory")

@@ -150,6 +150,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def resolve_model_spec(spec: str) -> str:
+    """``toy`` -> the embedded grounding model's folder; any other spec unchanged."""
+    if spec != "toy":
+        return spec
+    from .grounding.toy import TOY_DIR
+
+    if not (TOY_DIR / "config.json").exists():
+        raise FileNotFoundError(f"the embedded toy model is missing ({TOY_DIR}); train it with `ivcprune train-toy`")
+    return str(TOY_DIR)
+
+
 def load_model(
     spec: str,
     *,

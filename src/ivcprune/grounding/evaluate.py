@@ -1,21 +1,18 @@
-"""Grounding evaluation (Acc@0.5): predictions.jsonl + metrics.json per run, comparison tables.
-
-Runs are resumable: predictions are appended as they finish, a rerun skips the ids already in the file,
-and the metrics are always recomputed from the predictions file alone.
+"""Grounding evaluation (Acc@0.5): prompts and answer frames of each family, the per-sample record, the
+method grid and the grounding comparison table. Runs themselves (resume, data-parallel, scoring) are
+:mod:`ivcprune.evals.runner`'s.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..inputs import build_inputs, user_message
+from ..evals.benchmarks import Sample
+from ..evals.metrics import grounding_metrics, read_records
+from ..evals.runner import run_resumable
+from ..evals.tasks import predict_sample
 from ..methods import PruningMethod
 from .boxes import iou, parse_box
 from .data import GroundingItem, SkippedRow
@@ -38,140 +35,53 @@ def _to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tupl
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def done_ids(pred_path: Path) -> set[str]:
-    ids = set()
-    if pred_path.exists():
-        with open(pred_path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    ids.add(str(json.loads(line)["id"]))
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut by a crash: that sample is simply redone
-    return ids
+def grounding_record(sample_id: str, ref: str, text: str, gt, style: str, resized_wh: tuple[int, int],
+                     original_wh: tuple[int, int], kind: str | None = None) -> dict[str, Any]:
+    """Judge one grounding answer: parse the box in the model's frame, map it to original pixels, IoU."""
+    raw_box = parse_box(text, style)
+    box = _to_original(raw_box, style, resized_wh, original_wh)
+    value = iou(box, gt)
+    return {
+        "id": sample_id,
+        "task": "grounding",
+        "ref": ref,
+        "answer": text,
+        "box_model": list(raw_box) if raw_box else None,
+        "box": [round(v, 2) for v in box] if box else None,
+        "gt": [round(v, 2) for v in gt],
+        "iou": round(value, 6),
+        "hit": value >= 0.5,
+        "kind": kind,
+        "resized": list(resized_wh),
+    }
 
 
 def score_predictions(pred_path: str | Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics from a predictions file alone (last record per id wins)."""
-    records: dict[str, dict] = {}
-    with open(pred_path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rec = json.loads(line)
-                    records[str(rec["id"])] = rec
-                except (json.JSONDecodeError, KeyError):
-                    continue
-    recs = list(records.values())
-    n = len(recs)
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for r in recs:
-        if r.get("kind"):
-            by_kind[r["kind"]].append(r["iou"] >= 0.5)
-    kept = [r["kept_visual_ratio"] for r in recs if r.get("kept_visual_ratio") is not None]
-    metrics = {
-        **(info or {}),
-        "n": n,
-        "accuracy": sum(r["iou"] >= 0.5 for r in recs) / n if n else 0.0,
-        "mean_iou": sum(r["iou"] for r in recs) / n if n else 0.0,
-        "n_unparseable": sum(r["box"] is None for r in recs),
-        "mean_kept_visual_ratio": sum(kept) / len(kept) if kept else 1.0,
-        "mean_prefill_s": sum(r.get("prefill_s", 0.0) for r in recs) / n if n else 0.0,
-        "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-    }
-    return metrics
+    recs = list(read_records([Path(pred_path)]).values())
+    return {**(info or {}), **grounding_metrics(recs)}
 
 
-class _PrefillClock:
-    def __init__(self):
-        self.t0 = 0.0
-        self.first = None
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            self.first = time.perf_counter() - self.t0
-        return scores
-
-
-@torch.inference_mode()
 def predict(model, processor, item: GroundingItem, method: PruningMethod | None, *, style: str, prompt: str,
             max_new_tokens: int = 64) -> dict[str, Any]:
     """Answer one grounding item and score it (IoU in original pixels)."""
-    from transformers import LogitsProcessorList
-
-    msgs = user_message(prompt.format(ref=item.ref), [item.image])
-    inputs, images = build_inputs(processor, msgs)
-    device = next(model.parameters()).device
-    inputs = inputs.to(device)
-    grid = inputs["image_grid_thw"][0].tolist()
-    patch = model.config.vision_config.patch_size
-    resized = (grid[2] * patch, grid[1] * patch)
-    clock = _PrefillClock()
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    clock.t0 = time.perf_counter()
-    if method is not None:
-        with method(model):
-            out = model.generate(**inputs, **kw)
-        rep = method.last_report
-    else:
-        out = model.generate(**inputs, **kw)
-        rep = None
-    text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    raw_box = parse_box(text, style)
-    box = _to_original(raw_box, style, resized, item.image.size)
-    value = iou(box, item.box)
-    return {
-        "id": item.id,
-        "ref": item.ref,
-        "answer": text,
-        "box_model": list(raw_box) if raw_box else None,
-        "box": [round(v, 2) for v in box] if box else None,
-        "gt": [round(v, 2) for v in item.box],
-        "iou": round(value, 6),
-        "hit": value >= 0.5,
-        "kind": item.meta.get("kind"),
-        "resized": list(resized),
-        "visual_tokens": rep.visual_tokens if rep else None,
-        "visual_kept": rep.visual_kept if rep else None,
-        "kept_visual_ratio": rep.kept_visual_ratio if rep else 1.0,
-        "prefill_s": round(clock.first or 0.0, 5),
-    }
+    sample = Sample(id=item.id, task="grounding", images=[item.image], question=item.ref, answer=item.box,
+                    meta=item.meta)
+    return predict_sample(model, processor, sample, method, family=style, max_new_tokens=max_new_tokens,
+                          prompt_template=prompt)
 
 
 def run_eval(model, processor, items: Iterable[GroundingItem], method: PruningMethod | None, out_dir: str | Path,
              *, info: dict[str, Any], total: int | None = None, style: str | None = None, prompt: str | None = None,
              max_new_tokens: int = 64, skipped: list[SkippedRow] | None = None, progress: bool = True
              ) -> dict[str, Any]:
-    """Evaluate into ``out_dir`` (predictions.jsonl, metrics.json); resumes an interrupted run."""
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pred_path = out / "predictions.jsonl"
+    """Evaluate grounding items into ``out_dir`` (predictions.jsonl, metrics.json); resumes an interrupted run."""
     style = style or model.config.model_type
     prompt = prompt or PROMPTS.get(style, PROMPTS["qwen2_5_vl"])
-    done = done_ids(pred_path)
-    bar = tqdm(total=total, desc=info.get("name", "eval"), unit="sample", disable=not progress, initial=0)
-    t0 = time.time()
-    with open(pred_path, "a", encoding="utf-8") as f:
-        for item in items:
-            if item.id in done:
-                bar.update(1)
-                continue
-            rec = predict(model, processor, item, method, style=style, prompt=prompt, max_new_tokens=max_new_tokens)
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            bar.update(1)
-    bar.close()
-    skipped = skipped or []
-    info = {**info, "prompt": prompt, "style": style, "n_skipped": len(skipped),
-            "skipped": [s.__dict__ for s in skipped[:50]], "wall_s": round(time.time() - t0, 1)}
-    metrics = score_predictions(pred_path, info)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    info = {"task": "grounding", **info, "prompt": prompt, "style": style}
+    return run_resumable(items, lambda it: predict(model, processor, it, method, style=style, prompt=prompt,
+                                                   max_new_tokens=max_new_tokens),
+                         out_dir, info=info, total=total, progress=progress, skipped=skipped)
 
 
 def run_cells(r: dict[str, Any]) -> str:

@@ -1,0 +1,2 @@
+"""Benchmarks at scale: readers of the benchmark formats, rule-based answer extraction, metrics,
+resumable / data-parallel runs and comparison tables (``ivcprune eval | score | compare``)."""

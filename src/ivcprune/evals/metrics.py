@@ -1,0 +1,158 @@
+"""Metrics of a run, computed from its prediction records alone.
+
+Every metrics dict has ``score``, the benchmark's headline number (0-100, except MME):
+
+- grounding: Acc@0.5 (IoU >= 0.5 with the ground-truth box), in %;
+- multiple choice: accuracy in %; MMBench TSVs that carry VLMEvalKit's circular copies (index + k * 1e6)
+  score a question right only when every rotation of it is right (``circular_accuracy``), as VLMEvalKit;
+- MME: perception + cognition, each the sum over its subtasks of accuracy + accuracy+ (both questions of
+  an image right), in points (max 2000 + 800);
+- POPE and other yes/no sets: F1 of "yes" over all rows, in % (accuracy, precision, recall and the
+  same per split / category are reported too).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+CIRCULAR_OFFSET = 1_000_000
+
+
+def read_records(paths: list[Path]) -> dict[str, dict]:
+    """Records of prediction files by id (the last one of an id wins; lines cut by a crash are ignored)."""
+    records: dict[str, dict] = {}
+    for p in paths:
+        if not Path(p).exists():
+            continue
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                    records[str(rec["id"])] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return records
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _common(recs: list[dict]) -> dict[str, Any]:
+    kept = [r["kept_visual_ratio"] for r in recs if r.get("kept_visual_ratio") is not None]
+    return {
+        "n": len(recs),
+        "mean_kept_visual_ratio": _mean(kept) if kept else 1.0,
+        "mean_prefill_s": _mean(r.get("prefill_s", 0.0) for r in recs),
+    }
+
+
+def grounding_metrics(recs: list[dict]) -> dict[str, Any]:
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for r in recs:
+        if r.get("kind"):
+            by_kind[r["kind"]].append(r["iou"] >= 0.5)
+    acc = _mean(r["iou"] >= 0.5 for r in recs)
+    return {
+        **_common(recs),
+        "accuracy": acc,
+        "score": 100 * acc,
+        "mean_iou": _mean(r["iou"] for r in recs),
+        "n_unparseable": sum(r.get("box") is None for r in recs),
+        "accuracy_by_kind": {k: _mean(v) for k, v in sorted(by_kind.items())},
+    }
+
+
+def _by(recs: list[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in recs:
+        if r.get(key):
+            groups[str(r[key])].append(r)
+    return dict(sorted(groups.items()))
+
+
+def mcq_metrics(recs: list[dict]) -> dict[str, Any]:
+    acc = _mean(r["correct"] for r in recs)
+    out = {
+        **_common(recs),
+        "accuracy": acc,
+        "n_unparseable": sum(r.get("pred") is None for r in recs),
+        "accuracy_by_category": {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "category").items()},
+    }
+    if any(r.get("l2_category") for r in recs):
+        out["accuracy_by_l2_category"] = {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "l2_category").items()}
+    ids = [r["id"] for r in recs]
+    if all(str(i).isdigit() for i in ids) and any(int(i) >= CIRCULAR_OFFSET for i in ids):
+        groups: dict[int, list[bool]] = defaultdict(list)
+        for r in recs:
+            groups[int(r["id"]) % CIRCULAR_OFFSET].append(bool(r["correct"]))
+        out["circular_accuracy"] = _mean(all(v) for v in groups.values())
+        out["n_questions"] = len(groups)
+        out["score"] = 100 * out["circular_accuracy"]
+    else:
+        out["score"] = 100 * acc
+    return out
+
+
+def _yes_no_stats(recs: list[dict]) -> dict[str, float]:
+    tp = sum(r["pred"] == "Yes" and r["gt"] == "Yes" for r in recs)
+    fp = sum(r["pred"] == "Yes" and r["gt"] == "No" for r in recs)
+    fn = sum(r["pred"] != "Yes" and r["gt"] == "Yes" for r in recs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"n": len(recs), "accuracy": _mean(r["correct"] for r in recs), "precision": precision, "recall": recall,
+            "f1": f1, "yes_ratio": _mean(r["pred"] == "Yes" for r in recs)}
+
+
+def mme_scores(recs: list[dict]) -> dict[str, Any]:
+    """MME: per subtask accuracy + accuracy+ (x100); perception and cognition sums; total."""
+    by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        by_cat[r.get("category") or "?"][str(r.get("image_key") or r["id"])].append(bool(r["correct"]))
+    sub = {}
+    for cat, images in sorted(by_cat.items()):
+        acc = _mean(c for v in images.values() for c in v)
+        acc_plus = _mean(all(v) for v in images.values())
+        sub[cat] = {"accuracy": 100 * acc, "accuracy_plus": 100 * acc_plus, "score": 100 * (acc + acc_plus)}
+    perception = sum(v["score"] for k, v in sub.items() if k in MME_PERCEPTION)
+    cognition = sum(v["score"] for k, v in sub.items() if k in MME_COGNITION)
+    return {"mme_perception": perception, "mme_cognition": cognition, "mme_total": perception + cognition,
+            "mme_subtasks": sub}
+
+
+def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, Any]:
+    stats = _yes_no_stats(recs)
+    out = {**_common(recs), **{k: v for k, v in stats.items() if k != "n"},
+           "n_unparseable": sum(r.get("pred") is None for r in recs)}
+    groups = _by(recs, "category")
+    out["by_category"] = {k: _yes_no_stats(v) for k, v in groups.items()}
+    if (benchmark or "").upper().startswith("MME"):
+        out.update(mme_scores(recs))
+        out["score"] = out["mme_total"]
+    else:
+        out["score"] = 100 * stats["f1"]
+        if groups:
+            out["mean_f1_over_categories"] = _mean(v["f1"] for v in out["by_category"].values())
+    return out
+
+
+def score_records(recs: list[dict], task: str, benchmark: str | None = None) -> dict[str, Any]:
+    """Metrics of records of one task (``grounding``, ``mcq`` or ``yesno``)."""
+    if task == "grounding":
+        return grounding_metrics(recs)
+    if task == "mcq":
+        return mcq_metrics(recs)
+    if task == "yesno":
+        return yesno_metrics(recs, benchmark)
+    raise ValueError(f"unknown task {task!r}")

@@ -1,0 +1,248 @@
+"""Runs that survive: resumable, data-parallel, re-scorable; comparison tables across runs.
+
+A run directory holds ``run.json`` (what was run), ``predictions.jsonl`` (one record per sample, appended
+as each finishes) and ``metrics.json`` (always recomputed from the predictions alone).
+
+- Resume: a rerun reads every record already written and skips those samples; a last line cut by a
+  kill is dropped and its sample redone; nothing is duplicated (the last record of an id wins when
+  scoring).
+- Data-parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` of ``w`` takes samples
+  ``r, r + w, ...`` and appends to ``predictions.part{r}.jsonl``; at the end rank 0 merges the parts into
+  ``predictions.jsonl`` in dataset order and scores. Parts left by a killed run are merged by the
+  next run, whatever its number of processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .metrics import read_records, score_records
+
+PRED = "predictions.jsonl"
+PART_GLOB = "predictions.part*.jsonl"
+# run.json fields that must match when a run directory is resumed
+IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+
+def init_distributed() -> Dist:
+    """The process group of a ``torchrun`` launch (gloo: only barriers are needed), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def prediction_files(run_dir: Path) -> list[Path]:
+    return [run_dir / PRED, *sorted(run_dir.glob(PART_GLOB))]
+
+
+def merge_parts(run_dir: Path) -> None:
+    """Fold ``predictions.part*.jsonl`` into ``predictions.jsonl`` (dataset order, one record per id)."""
+    parts = sorted(run_dir.glob(PART_GLOB))
+    if not parts:
+        return
+    records = list(read_records(prediction_files(run_dir)).values())
+    records.sort(key=lambda r: r.get("pos", float("inf")))
+    tmp = run_dir / (PRED + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, run_dir / PRED)
+    for p in parts:
+        p.unlink()
+
+
+def drop_cut_line(path: Path) -> None:
+    """Truncate a last line a kill cut short, so that appended records start on a line of their own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def _check_identity(run_dir: Path, info: dict[str, Any]) -> None:
+    path = run_dir / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in IDENTITY if k in old and k in info and old[k] != info[k]]
+        if diff and any(p.exists() and p.stat().st_size for p in prediction_files(run_dir)):
+            raise ValueError(f"{run_dir} holds predictions of another run ({', '.join(diff)} differ: "
+                             f"{ {k: old[k] for k in diff} } vs { {k: info[k] for k in diff} }); "
+                             f"choose another --out or delete it")
+
+
+def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any]], run_dir: str | Path, *,
+                  info: dict[str, Any], total: int | None = None, progress: bool = True, dist: Dist | None = None,
+                  skipped: list | None = None) -> dict[str, Any] | None:
+    """Predict every sample not yet in ``run_dir`` and score the run.
+
+    ``samples`` yield objects with an ``id``; ``predict`` returns the sample's record. Returns the
+    metrics (``None`` on ranks other than 0 of a data-parallel run)."""
+    from tqdm.auto import tqdm
+
+    dist = dist or Dist()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.rank == 0:
+        _check_identity(run_dir, info)
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    dist.barrier()
+    done = set(read_records(prediction_files(run_dir)))
+    target = run_dir / (PRED if dist.world == 1 else f"predictions.part{dist.rank}.jsonl")
+    drop_cut_line(target)
+    desc = " ".join(str(info[k]) for k in ("benchmark", "name") if info.get(k)) or "eval"
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress or dist.rank != 0)
+    t0 = time.time()
+    new = 0
+    with open(target, "a", encoding="utf-8") as f:
+        for pos, sample in enumerate(samples):
+            bar.update(1)
+            if pos % dist.world != dist.rank or str(sample.id) in done:
+                continue
+            rec = predict(sample)
+            rec["pos"] = pos
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done.add(str(sample.id))
+            new += 1
+    bar.close()
+    dist.barrier()
+    if dist.rank != 0:
+        return None
+    merge_parts(run_dir)
+    skipped = skipped or []
+    extra = {"n_skipped": len(skipped), "skipped": [s.__dict__ for s in skipped[:50]],
+             "wall_s": round(time.time() - t0, 1), "n_new": new, "world_size": dist.world}
+    return score_run(run_dir, extra)
+
+
+def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recompute ``metrics.json`` of a run from its predictions (``ivcprune score``)."""
+    run_dir = Path(run_dir)
+    files = prediction_files(run_dir)
+    if not any(p.exists() for p in files):
+        raise FileNotFoundError(f"{run_dir}: no {PRED} (not a run directory)")
+    info: dict[str, Any] = {}
+    if (run_dir / "run.json").exists():
+        info = json.loads((run_dir / "run.json").read_text())
+    old: dict[str, Any] = {}
+    if (run_dir / "metrics.json").exists():
+        old = json.loads((run_dir / "metrics.json").read_text())
+    records = list(read_records(files).values())
+    task = info.get("task") or (records[0].get("task", "grounding") if records else "grounding")
+    kept_extra = {k: old[k] for k in ("n_skipped", "skipped", "wall_s", "n_new", "world_size") if k in old}
+    metrics = {**info, "task": task, **kept_extra, **(extra or {}),
+               **score_records(records, task, info.get("benchmark"))}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# -- comparison across runs --------------------------------------------------------------------------
+def find_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """metrics.json of the runs under each path (the path itself, or up to two levels below)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no such run directory: {p}")
+        cands = [p / "metrics.json"] if (p / "metrics.json").exists() else \
+            sorted([*p.glob("*/metrics.json"), *p.glob("*/*/metrics.json")])
+        if not cands:
+            raise FileNotFoundError(f"{p}: no metrics.json here or below (run `ivcprune score` on it?)")
+        found.extend(cands)
+    runs = []
+    for m in found:
+        rec = json.loads(m.read_text())
+        rec["_dir"] = str(m.parent)
+        runs.append(rec)
+    return runs
+
+
+def _config_key(r: dict[str, Any]) -> tuple:
+    if r.get("method") == "none":
+        return ("none", None, None)
+    return (r.get("label", r.get("method")), r.get("budget"), r.get("layer"))
+
+
+def _fmt_score(value: float, benchmark: str) -> str:
+    return f"{value:.1f}" if not benchmark.upper().startswith("MME") else f"{value:.0f}"
+
+
+def compare_table(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown: one row per method configuration, per benchmark its score and its score relative to the
+    unpruned run of that benchmark (and model); the mean relative score, kept ratio and prefill time."""
+    models = sorted({str(r.get("model", "?")) for r in runs})
+    benches = list(dict.fromkeys(str(r.get("benchmark") or r.get("data") or "?") for r in runs))
+    base = {(str(r.get("model", "?")), str(r.get("benchmark") or r.get("data") or "?")): r["score"]
+            for r in runs if r.get("method") == "none"}
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in runs:
+        model = str(r.get("model", "?"))
+        key = (model, *_config_key(r))
+        row = rows.setdefault(key, {"model": model, "method": r.get("label", r.get("method")),
+                                    "budget": r.get("budget"), "layer": r.get("layer"), "scores": {},
+                                    "relative": {}, "kept": [], "prefill_s": []})
+        bench = str(r.get("benchmark") or r.get("data") or "?")
+        row["scores"][bench] = r["score"]
+        b = base.get((model, bench))
+        if b:
+            row["relative"][bench] = r["score"] / b
+        row["kept"].append(r.get("mean_kept_visual_ratio", 1.0))
+        row["prefill_s"].append(r.get("mean_prefill_s", 0.0))
+    order = sorted(rows, key=lambda k: (k[0], k[1] != "none", str(k[1]), -(k[2] or 0), k[3] or 0))
+    head = (["model"] if len(models) > 1 else []) + ["method", "budget", "K"] + benches + \
+        ["rel. avg", "kept visual", "prefill ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out_rows = []
+    for k in order:
+        row = rows[k]
+        cells = [row["model"]] if len(models) > 1 else []
+        pruned = k[1] != "none"
+        cells += [str(row["method"]), str(row["budget"]) if pruned else "-", str(row["layer"]) if pruned else "-"]
+        for bench in benches:
+            if bench not in row["scores"]:
+                cells.append("")
+                continue
+            s = _fmt_score(row["scores"][bench], bench)
+            rel = row["relative"].get(bench)
+            cells.append(f"{s} ({100 * rel:.1f}%)" if pruned and rel is not None else s)
+        rels = list(row["relative"].values())
+        rel_avg = sum(rels) / len(rels) if rels else None
+        cells.append(f"{100 * rel_avg:.1f}%" if rel_avg is not None else "n/a")
+        kept = sum(row["kept"]) / len(row["kept"])
+        prefill = 1000 * sum(row["prefill_s"]) / len(row["prefill_s"])
+        cells += [f"{100 * kept:.1f}%", f"{prefill:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        out_rows.append({"model": row["model"], "method": row["method"], "budget": row["budget"] if pruned else None,
+                         "layer": row["layer"] if pruned else None, "scores": row["scores"],
+                         "relative": row["relative"], "relative_average": rel_avg, "mean_kept_visual_ratio": kept,
+                         "mean_prefill_ms": prefill})
+    return "\n".join(lines), out_rows

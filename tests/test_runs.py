@@ -1,0 +1,202 @@
+"""`ivcprune eval / score / compare` end to end on the embedded model: every benchmark format, metrics by
+hand, resume after a crash, 2-process data parallelism equal to 1 process, comparison tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchfix import mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet
+from ivcprune.cli import main
+from ivcprune.evals import tasks
+from ivcprune.evals.runner import compare_table, find_runs, merge_parts
+
+VOLATILE = ("prefill_s",)  # timings differ between runs; everything else must not
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("benchdata")
+    return {"mmbench": mmbench_tsv(d), "mme": mme_tsv(d), "pope": pope_tsv(d), "refcoco": refcoco_parquet(d)}
+
+
+def _eval(out, data, *extra):
+    return main(["eval", "--model", "toy", "--data", data, "--out", str(out), "--max-new-tokens", "6", "--quiet",
+                 *extra])
+
+
+def test_every_format_end_to_end(data, tmp_path, capsys):
+    out = tmp_path / "all"
+    spec = ",".join(str(data[k]) for k in ("mmbench", "mme", "pope", "refcoco"))
+    assert _eval(out, spec, "--split", "val", "--methods", "none,ivc", "--budgets", "0.5") == 0
+    err = capsys.readouterr().err
+    expected = {"MMBench_DEV_EN_V11": ("mcq", 5, 2), "MME": ("yesno", 6, 1), "POPE": ("yesno", 6, 1),
+                "refcoco_val": ("grounding", 3, 1)}
+    for bench, (task, n, n_skipped) in expected.items():
+        assert f"{bench} none: skipped {n_skipped} malformed rows" in err
+        for run in ("none", "ivc-b0.5"):
+            m = json.loads((out / bench / run / "metrics.json").read_text())
+            assert (m["task"], m["n"], m["n_skipped"], m["benchmark"]) == (task, n, n_skipped, bench)
+            recs = _records(out / bench / run)
+            assert len({r["id"] for r in recs}) == n == len(recs)
+            assert [r["pos"] for r in recs] == sorted(r["pos"] for r in recs)
+            if run == "ivc-b0.5":
+                assert m["mean_kept_visual_ratio"] == pytest.approx(0.5, abs=0.01)
+                assert all(r["visual_kept"] == r["visual_tokens"] // 2 for r in recs)
+                assert (m["budget"], m["layer"]) == (0.5, 3)  # the toy model's preset K
+            else:
+                assert m["mean_kept_visual_ratio"] == 1.0
+    table = (out / "comparison.md").read_text()
+    assert "| method | budget | K | MMBench_DEV_EN_V11 | MME | POPE | refcoco_val | rel. avg |" in table
+    assert len(table.strip().splitlines()) == 4
+    # the unpruned answers are the model's own greedy answers to the documented prompts
+    rec = _records(out / "POPE" / "none")[0]
+    assert rec["gt"] == "Yes" and rec["category"] == "adversarial"
+
+
+def test_metrics_from_scripted_answers(data, tmp_path, monkeypatch):
+    """The scoring path on known answers: MME acc / acc+, circular MMBench, POPE F1, by hand."""
+    script: list[str] = []
+    real = tasks.generate_answer
+
+    def scripted(model, processor, images, prompt, method, *, max_new_tokens, pixels):
+        gen = real(model, processor, images, prompt, method, max_new_tokens=1, pixels=pixels)
+        gen.text = script.pop(0)
+        return gen
+
+    monkeypatch.setattr(tasks, "generate_answer", scripted)
+    script[:] = ["Yes", "No", "Yes.", "yes", "I don't know", "No"]
+    assert _eval(tmp_path / "mme", str(data["mme"])) == 0
+    m = json.loads((tmp_path / "mme" / "metrics.json").read_text())
+    # existence: 3/4 right, 1 of 2 images fully right -> 75 + 50; code_reasoning: 1/2, 0 of 1 -> 50 + 0
+    assert m["mme_perception"] == pytest.approx(125.0) and m["mme_cognition"] == pytest.approx(50.0)
+    assert m["score"] == pytest.approx(175.0) and m["n_unparseable"] == 1
+
+    script[:] = ["A", "The answer is B", "two", "B. red", "circle"]
+    assert _eval(tmp_path / "mmb", str(data["mmbench"])) == 0
+    m = json.loads((tmp_path / "mmb" / "metrics.json").read_text())
+    preds = [r["pred"] for r in _records(tmp_path / "mmb")]
+    assert preds == ["A", "B", "B", "B", "B"]  # "two" is option B's text; "circle" is B in the rotated copy
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["circular_accuracy"] == pytest.approx(1 / 3)
+    assert m["score"] == pytest.approx(100 / 3)
+
+    script[:] = ["Yes", "Yes", "No", "No", "Yes, there is", "no"]
+    assert _eval(tmp_path / "pope", str(data["pope"])) == 0
+    m = json.loads((tmp_path / "pope" / "metrics.json").read_text())
+    # yes predicted 3 (2 right), yes truth 3: precision = recall = F1 = 2/3
+    assert m["score"] == pytest.approx(200 / 3) and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["by_category"]["adversarial"]["precision"] == 0.5 and m["by_category"]["random"]["f1"] == 1.0
+    assert not script
+
+
+def test_resume_after_crash(data, tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref", tmp_path / "crashed"
+    args = ("--method", "ivc", "--budget", "0.5")
+    assert _eval(ref, str(data["pope"]), *args) == 0
+    calls = {"n": 0}
+    real = tasks.generate_answer
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of the fourth sample
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tasks, "generate_answer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(out, str(data["pope"]), *args)
+    monkeypatch.setattr(tasks, "generate_answer", real)
+    assert len(_records(out)) == 3
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"id": "3", "task": "yesno", "ans')  # the line a kill cut short
+    calls["n"] = 0
+    assert _eval(out, str(data["pope"]), *args) == 0
+    done = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]  # all whole
+    assert sorted(r["id"] for r in done) == sorted(r["id"] for r in _records(ref))  # nothing lost or doubled
+    assert json.loads((out / "metrics.json").read_text())["n"] == 6
+    assert json.loads((out / "metrics.json").read_text())["n_new"] == 3
+    # the resumed run's predictions equal an uninterrupted run's
+    by_id = {r["id"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in done}
+    assert by_id == {r["id"]: r for r in _records(ref)}
+    # resuming into a run of another configuration is refused
+    assert _eval(out, str(data["pope"]), "--method", "ivc", "--budget", "0.25") == 2
+
+
+def test_score_recomputes_from_predictions(data, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _eval(out, str(data["mme"]), "--method", "random", "--budget", "0.5") == 0
+    before = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(["score", str(out), "--json"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("skipped", "n_skipped", "wall_s", "n_new", "world_size")} == \
+        {k: v for k, v in before.items() if k not in ("skipped", "n_skipped", "wall_s", "n_new", "world_size")}
+    assert json.loads(capsys.readouterr().out)[0]["mme_total"] == before["mme_total"]
+
+
+def test_merge_parts_of_a_killed_parallel_run(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "predictions.jsonl").write_text(json.dumps({"id": "a", "pos": 0}) + "\n")
+    (run / "predictions.part0.jsonl").write_text(json.dumps({"id": "c", "pos": 2}) + "\n" + '{"id": "e", "p')
+    (run / "predictions.part1.jsonl").write_text(json.dumps({"id": "b", "pos": 1}) + "\n")
+    merge_parts(run)
+    assert [json.loads(x)["id"] for x in (run / "predictions.jsonl").read_text().splitlines()] == ["a", "b", "c"]
+    assert not list(run.glob("predictions.part*"))
+
+
+def test_two_processes_equal_one(data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    spec = f"{data['mmbench']},{data['refcoco']}"
+    args = ["--split", "val", "--methods", "none,ivc", "--budgets", "0.5"]
+    assert _eval(one, spec, *args) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ivcprune",
+           "eval", "--model", "toy", "--data", spec, "--out", str(two), "--max-new-tokens", "6", "--quiet", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for bench in ("MMBench_DEV_EN_V11", "refcoco_val"):
+        for run in ("none", "ivc-b0.5"):
+            assert _records(two / bench / run) == _records(one / bench / run)
+            m1 = json.loads((one / bench / run / "metrics.json").read_text())
+            m2 = json.loads((two / bench / run / "metrics.json").read_text())
+            assert m2["world_size"] == 2 and m2["score"] == m1["score"] and m2["n"] == m1["n"]
+            assert not list((two / bench / run).glob("predictions.part*"))
+
+
+def _metrics(d: Path, **kw):
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(kw))
+
+
+def test_compare_table(tmp_path, capsys):
+    base = dict(model="m", n=10, mean_prefill_s=0.1)
+    _metrics(tmp_path / "a" / "MME" / "none", **base, benchmark="MME", method="none", label="unpruned", score=1500.0,
+             mean_kept_visual_ratio=1.0)
+    _metrics(tmp_path / "a" / "MME" / "ivc", **base, benchmark="MME", method="ivc", label="IVC-Prune", budget=0.5,
+             layer=16, score=1485.0, mean_kept_visual_ratio=0.5)
+    _metrics(tmp_path / "b" / "POPE" / "none", **base, benchmark="POPE", method="none", label="unpruned", score=80.0,
+             mean_kept_visual_ratio=1.0)
+    _metrics(tmp_path / "b" / "POPE" / "ivc", **base, benchmark="POPE", method="ivc", label="IVC-Prune", budget=0.5,
+             layer=16, score=84.0, mean_kept_visual_ratio=0.5)
+    table, rows = compare_table(find_runs([tmp_path / "a", tmp_path / "b"]))
+    lines = table.splitlines()
+    assert lines[0] == "| method | budget | K | MME | POPE | rel. avg | kept visual | prefill ms |"
+    assert lines[2] == "| unpruned | - | - | 1500 | 80.0 | 100.0% | 100.0% | 100.0 |"
+    assert lines[3] == "| IVC-Prune | 0.5 | 16 | 1485 (99.0%) | 84.0 (105.0%) | 102.0% | 50.0% | 100.0 |"
+    assert rows[1]["relative_average"] == pytest.approx(1.02)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.md")]) == 0
+    assert capsys.readouterr().out.strip() == table == (tmp_path / "t.md").read_text().strip()
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        main(["compare", str(tmp_path)])  # runs are looked for at most two levels down (these are three)

@@ -198,5 +198,11 @@ def test_compare_table(tmp_path, capsys):
     assert rows[1]["relative_average"] == pytest.approx(1.02)
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.md")]) == 0
     assert capsys.readouterr().out.strip() == table == (tmp_path / "t.md").read_text().strip()
+    # the same configuration twice: a warning, and each benchmark counted once in the averages
+    _metrics(tmp_path / "c" / "MME" / "ivc", **base, benchmark="MME", method="ivc", label="IVC-Prune", budget=0.5,
+             layer=16, score=1470.0, mean_kept_visual_ratio=0.5)
+    with pytest.warns(UserWarning, match="same configuration"):
+        _, rows = compare_table(find_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
+    assert rows[1]["scores"] == {"MME": 1470.0, "POPE": 84.0} and rows[1]["relative_average"] == pytest.approx(1.015)
     with pytest.raises(SystemExit, match="no metrics.json"):
         main(["compare", str(tmp_path)])  # runs are looked for at most two levels down (these are three)

@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: train|val|test (default test); RefCOCO folder: val|test|testA|testB")
     e.add_argument("--refs", default="all", choices=["all", "first"],
                    help="RefCOCO parquet: every referring expression of an object, or its first")
-    e.add_argument("--n", type=int, default=1000, help="synthetic: number of samples")
+    e.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
+                   help="synthetic: number of samples (under torchrun spell it --num-samples: torchrun takes --n for "
+                        "its own options)")
     e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     e.add_argument("--gt-frame", default="original", choices=["original", "resized28"],
                    help="grounding TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded "

@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,21 +203,25 @@ def compare_table(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
     models = sorted({str(r.get("model", "?")) for r in runs})
     benches = list(dict.fromkeys(str(r.get("benchmark") or r.get("data") or "?") for r in runs))
     base = {(str(r.get("model", "?")), str(r.get("benchmark") or r.get("data") or "?")): r["score"]
-            for r in runs if r.get("method") == "none"}
+            for r in runs if r.get("method") == "none"}  # the last unpruned run of a benchmark and model
     rows: dict[tuple, dict[str, Any]] = {}
     for r in runs:
         model = str(r.get("model", "?"))
         key = (model, *_config_key(r))
         row = rows.setdefault(key, {"model": model, "method": r.get("label", r.get("method")),
                                     "budget": r.get("budget"), "layer": r.get("layer"), "scores": {},
-                                    "relative": {}, "kept": [], "prefill_s": []})
+                                    "relative": {}, "kept": {}, "prefill_s": {}, "dirs": {}})
         bench = str(r.get("benchmark") or r.get("data") or "?")
+        if bench in row["dirs"]:
+            warnings.warn(f"{bench}: {row['dirs'][bench]} and {r.get('_dir')} are runs of the same configuration; "
+                          f"the table shows the latter", stacklevel=2)
+        row["dirs"][bench] = r.get("_dir")
         row["scores"][bench] = r["score"]
         b = base.get((model, bench))
         if b:
             row["relative"][bench] = r["score"] / b
-        row["kept"].append(r.get("mean_kept_visual_ratio", 1.0))
-        row["prefill_s"].append(r.get("mean_prefill_s", 0.0))
+        row["kept"][bench] = r.get("mean_kept_visual_ratio", 1.0)
+        row["prefill_s"][bench] = r.get("mean_prefill_s", 0.0)
     order = sorted(rows, key=lambda k: (k[0], k[1] != "none", str(k[1]), -(k[2] or 0), k[3] or 0))
     head = (["model"] if len(models) > 1 else []) + ["method", "budget", "K"] + benches + \
         ["rel. avg", "kept visual", "prefill ms"]
@@ -237,8 +242,8 @@ def compare_table(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
         rels = list(row["relative"].values())
         rel_avg = sum(rels) / len(rels) if rels else None
         cells.append(f"{100 * rel_avg:.1f}%" if rel_avg is not None else "n/a")
-        kept = sum(row["kept"]) / len(row["kept"])
-        prefill = 1000 * sum(row["prefill_s"]) / len(row["prefill_s"])
+        kept = sum(row["kept"].values()) / len(row["kept"])
+        prefill = 1000 * sum(row["prefill_s"].values()) / len(row["prefill_s"])
         cells += [f"{100 * kept:.1f}%", f"{prefill:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
         out_rows.append({"model": row["model"], "method": row["method"], "budget": row["budget"] if pruned else None,

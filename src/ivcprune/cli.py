@@ -262,12 +262,11 @@ def cmd_score(args) -> int:
 
     dirs = []
     for p in map(Path, args.run_dir):
-        if any(p.glob("predictions*.jsonl")):
-            dirs.append(p)
-        else:
-            dirs.extend(sorted({q.parent for q in [*p.glob("*/predictions*.jsonl"), *p.glob("*/*/predictions*.jsonl")]}))
-        if not dirs:
+        found = [p] if any(p.glob("predictions*.jsonl")) else sorted(
+            {q.parent for q in [*p.glob("*/predictions*.jsonl"), *p.glob("*/*/predictions*.jsonl")]})
+        if not found:
             raise SystemExit(f"{p}: no predictions.jsonl here or below")
+        dirs.extend(found)
     results = [score_run(d) for d in dirs]
     if args.json:
         print(json.dumps(results, indent=2))

@@ -113,8 +113,9 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
     dist = dist or Dist()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_identity(run_dir, info)  # on every rank, so that a refusal stops them all
+    dist.barrier()
     if dist.rank == 0:
-        _check_identity(run_dir, info)
         (run_dir / "run.json").write_text(json.dumps(info, indent=2))
     dist.barrier()
     done = set(read_records(prediction_files(run_dir)))

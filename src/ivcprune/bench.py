@@ -23,7 +23,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _StepClock(LogitsProcessor):
+class StepClock(LogitsProcessor):
     """Timestamps every generation step (called right after each forward pass)."""
 
     def __init__(self, device: torch.device):
@@ -144,7 +144,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
                      force_length: bool = True, **gen_kwargs) -> GenerationRun:
     """Run ``model.generate`` (pruned by ``method`` if given) and time its parts."""
     device = next(model.parameters()).device
-    clock = _StepClock(device)
+    clock = StepClock(device)
     vision_times: list[float] = []
     mem = _PeakMemory(device)
     visual = _visual_module(model)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import os
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def user_message(prompt: str, images=(), videos=(), *, min_pixels: int | None = None,
@@ -39,4 +45,13 @@ def load_image(path_or_image) -> Image.Image:
     if isinstance(path_or_image, Image.Image):
         return path_or_image.convert("RGB")
     with Image.open(path_or_image) as im:
+        return im.convert("RGB")
+
+
+def decode_image(value: str, base_dir: str | Path = ".") -> Image.Image:
+    """A dataset's image field -> RGB image: a path (absolute, or relative to ``base_dir``) or base64."""
+    value = value.strip()
+    if len(value) < 1024 and Path(value).suffix.lower() in IMAGE_SUFFIXES:
+        return load_image(value if os.path.isabs(value) else Path(base_dir) / value)
+    with Image.open(io.BytesIO(base64.b64decode(value, validate=False))) as im:
         return im.convert("RGB")

@@ -16,7 +16,6 @@ Every reader yields :class:`Sample` in file order; a malformed row is not yielde
 from __future__ import annotations
 
 import ast
-import base64
 import csv
 import io
 import os
@@ -30,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from ..grounding.data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
+from ..inputs import decode_image
 
 TASKS = ("mcq", "yesno", "grounding")
 
@@ -55,7 +55,6 @@ REFCOCO_SPLITS = {
     "refcocog_val": ("RefCOCOg", "val"),
     "refcocog_test": ("RefCOCOg", "test"),
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -83,21 +82,6 @@ class Benchmark:
 
 
 # -- images ---------------------------------------------------------------------------------------
-def _is_path(value: str) -> bool:
-    return len(value) < 1024 and Path(value).suffix.lower() in IMAGE_SUFFIXES
-
-
-def decode_image(value: str, base_dir: Path) -> Image.Image:
-    """A base64 image or a path (absolute, or relative to ``base_dir``) -> RGB image."""
-    value = value.strip()
-    if _is_path(value):
-        path = Path(value) if os.path.isabs(value) else base_dir / value
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    with Image.open(io.BytesIO(base64.b64decode(value, validate=True))) as im:
-        return im.convert("RGB")
-
-
 def _image_values(raw: str) -> list[str]:
     raw = (raw or "").strip()
     if raw.startswith("["):  # several images: a Python / JSON list literal

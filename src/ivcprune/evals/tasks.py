@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..bench import StepClock
 from ..inputs import build_inputs, user_message
 from ..methods import PruningMethod
 from .answers import extract_choice, extract_yes_no
@@ -72,19 +73,6 @@ class Generated:
     grid: list[int]  # (t, h, w) patches of the first image
 
 
-class _FirstTokenClock:
-    """A logits processor that only notes when the first token's logits arrive (= end of prefill)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.first: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            self.first = time.perf_counter() - self.t0
-        return scores
-
-
 @torch.inference_mode()
 def generate_answer(model, processor, images, prompt: str, method: PruningMethod | None, *,
                     max_new_tokens: int, pixels: tuple[int | None, int | None] = (None, None)) -> Generated:
@@ -92,10 +80,11 @@ def generate_answer(model, processor, images, prompt: str, method: PruningMethod
     from transformers import LogitsProcessorList
 
     inputs, _ = build_inputs(processor, user_message(prompt, images, min_pixels=pixels[0], max_pixels=pixels[1]))
-    inputs = inputs.to(next(model.parameters()).device)
-    clock = _FirstTokenClock()
+    device = next(model.parameters()).device
+    inputs = inputs.to(device)
+    clock = StepClock(device)  # stamps each step once its logits exist; the first one ends prefill
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    clock.t0 = time.perf_counter()
+    t0 = time.perf_counter()
     if method is not None:
         with method(model):
             out = model.generate(**inputs, **kw)
@@ -105,7 +94,7 @@ def generate_answer(model, processor, images, prompt: str, method: PruningMethod
         report = None
     text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     grid = inputs["image_grid_thw"][0].tolist() if "image_grid_thw" in inputs else [0, 0, 0]
-    return Generated(text=text, prefill_s=clock.first or 0.0, report=report, grid=grid)
+    return Generated(text=text, prefill_s=clock.stamps[0] - t0 if clock.stamps else 0.0, report=report, grid=grid)
 
 
 def _visual_fields(gen: Generated) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..inputs import decode_image
 from .boxes import Box
 from . import synth
 
@@ -51,17 +51,6 @@ def synthetic_items(n: int, seed: int = 0, split: str = "test", start: int = 0) 
                             meta={"kind": s.kind, "source": "synthetic", "seed": seed, "split": split})
 
 
-def _decode_image(value: str, base_dir: Path) -> Image.Image:
-    value = value.strip()
-    candidate = Path(value) if os.path.isabs(value) else base_dir / value
-    if len(value) < 1024 and candidate.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"):
-        with Image.open(candidate) as im:
-            return im.convert("RGB")
-    data = base64.b64decode(value, validate=False)
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
-
-
 def _resized28(side: int) -> int:
     return max(28, int(round(side / 28)) * 28)
 
@@ -87,7 +76,7 @@ def read_grounding_tsv(path: str | Path, gt_frame: str = "original", skipped: li
         for line, row in enumerate(reader, start=2):
             idx = (row.get("index") or "").strip() or f"line{line}"
             try:
-                image = _decode_image(row["image"] or "", path.parent)
+                image = decode_image(row["image"] or "", path.parent)
                 nums = [float(v) for v in (row["answer"] or "").replace(",", " ").split()]
                 if len(nums) < 4 or len(nums) % 4:
                     raise ValueError(f"answer {row['answer']!r} is not 'x1 y1 x2 y2'")

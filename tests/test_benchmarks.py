@@ -171,3 +171,12 @@ def test_authors_pixel_bounds():
     assert authors_pixels(random_config("qwen2.5-vl-3b"), "yesno") == (4 * px, 6384 * px)
     assert authors_pixels(random_config("qwen2.5-vl-7b"), "grounding") == (4 * px, 16384 * px)
     assert authors_pixels(random_config("qwen2-vl-7b"), "mcq") == (1280 * px, 16384 * px)
+
+
+def test_pope_rows_shared_between_splits_count_in_each():
+    recs = [_yn(0, "Yes", "Yes", "popular,random"), _yn(1, "Yes", "No", "random"), _yn(2, "No", "No", "adversarial")]
+    m = score_records(recs, "yesno", "POPE")
+    assert m["by_category"]["popular"]["n"] == 1 and m["by_category"]["random"]["n"] == 2
+    # overall over the exploded rows: yes predicted 3 (2 right), yes truth 2 -> precision 2/3, recall 1
+    assert (m["n"], m["n_scored"]) == (3, 4) and m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
+    assert m["score"] == pytest.approx(100 * 0.8)

@@ -8,7 +8,8 @@ Every metrics dict has ``score``, the benchmark's headline number (0-100, except
 - MME: perception + cognition, each the sum over its subtasks of accuracy + accuracy+ (both questions of
   an image right), in points (max 2000 + 800);
 - POPE and other yes/no sets: F1 of "yes" over all rows, in % (accuracy, precision, recall and the
-  same per split / category are reported too).
+  same per split / category are reported too); a row listed under several splits (``"popular,random"``)
+  counts once in each split and once per split overall, as VLMEvalKit counts it.
 """
 
 from __future__ import annotations
@@ -131,10 +132,23 @@ def mme_scores(recs: list[dict]) -> dict[str, Any]:
             "mme_subtasks": sub}
 
 
+def _explode_categories(recs: list[dict]) -> list[dict]:
+    """One record per category of a comma-separated ``category`` (POPE shares a question between splits,
+    ``"popular,random"``): counted once in each, and in the overall figures once per split, as VLMEvalKit."""
+    out = []
+    for r in recs:
+        cats = [c.strip() for c in str(r.get("category") or "").split(",") if c.strip()]
+        out.extend([{**r, "category": c} for c in cats] if len(cats) > 1 else [r])
+    return out
+
+
 def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, Any]:
+    samples = recs
+    if not (benchmark or "").upper().startswith("MME"):
+        recs = _explode_categories(recs)
     stats = _yes_no_stats(recs)
-    out = {**_common(recs), **{k: v for k, v in stats.items() if k != "n"},
-           "n_unparseable": sum(r.get("pred") is None for r in recs)}
+    out = {**_common(samples), **{k: v for k, v in stats.items() if k != "n"}, "n_scored": stats["n"],
+           "n_unparseable": sum(r.get("pred") is None for r in samples)}
     groups = _by(recs, "category")
     out["by_category"] = {k: _yes_no_stats(v) for k, v in groups.items()}
     if (benchmark or "").upper().startswith("MME"):

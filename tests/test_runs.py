@@ -14,7 +14,7 @@ import pytest
 from benchfix import mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet
 from ivcprune.cli import main
 from ivcprune.evals import tasks
-from ivcprune.evals.runner import compare_table, find_runs, merge_parts
+from ivcprune.evals.runner import RUN_FIELDS, compare_table, find_runs, merge_parts
 
 VOLATILE = ("prefill_s",)  # timings differ between runs; everything else must not
 
@@ -140,8 +140,9 @@ def test_score_recomputes_from_predictions(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", str(out), "--json"]) == 0
     after = json.loads((out / "metrics.json").read_text())
-    assert {k: v for k, v in after.items() if k not in ("skipped", "n_skipped", "wall_s", "n_new", "world_size")} == \
-        {k: v for k, v in before.items() if k not in ("skipped", "n_skipped", "wall_s", "n_new", "world_size")}
+    # everything but the fields that describe the last run (lost with the file) comes back
+    assert {k: v for k, v in after.items() if k not in RUN_FIELDS} == \
+        {k: v for k, v in before.items() if k not in RUN_FIELDS}
     assert json.loads(capsys.readouterr().out)[0]["mme_total"] == before["mme_total"]
 
 
@@ -206,3 +207,32 @@ def test_compare_table(tmp_path, capsys):
     assert rows[1]["scores"] == {"MME": 1470.0, "POPE": 84.0} and rows[1]["relative_average"] == pytest.approx(1.015)
     with pytest.raises(SystemExit, match="no metrics.json"):
         main(["compare", str(tmp_path)])  # runs are looked for at most two levels down (these are three)
+
+
+def test_failing_samples_are_reported_and_retried(data, tmp_path, monkeypatch):
+    real = tasks.generate_answer
+    state = {"calls": 0}
+
+    def flaky(model, processor, images, prompt, method, **kw):
+        state["calls"] += 1
+        if state["calls"] in (3, 5):  # the 3rd and 5th samples: e.g. images the processor refuses
+            raise ValueError("absurd aspect ratio")
+        return real(model, processor, images, prompt, method, **kw)
+
+    monkeypatch.setattr(tasks, "generate_answer", flaky)
+    out = tmp_path / "f"
+    assert _eval(out, str(data["pope"])) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_failed"]) == (4, 2) and [f["pos"] for f in m["failed"]] == [2, 4]
+    assert m["failed"][0]["error"] == "ValueError: absurd aspect ratio"
+    state["calls"] = 100  # the next run retries only the failed samples, which now pass
+    assert _eval(out, str(data["pope"])) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_failed"], m["n_new"]) == (6, 0, 2)
+
+    def broken(*a, **kw):
+        raise RuntimeError("wrong setup")
+
+    monkeypatch.setattr(tasks, "generate_answer", broken)  # every sample fails: the error surfaces
+    with pytest.raises(RuntimeError, match="wrong setup"):
+        main(["eval", "--model", "toy", "--data", str(data["mme"]), "--out", str(tmp_path / "g"), "--quiet"])

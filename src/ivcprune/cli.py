@@ -240,6 +240,9 @@ def cmd_eval(args) -> int:
             if skipped:
                 print(f"{bench.name} {name}: skipped {len(skipped)} malformed rows, e.g. row {skipped[0].index}: "
                       f"{skipped[0].reason}", file=sys.stderr)
+            if metrics["n_failed"]:
+                print(f"{bench.name} {name}: {metrics['n_failed']} samples failed (retried by the next run), e.g. "
+                      f"{metrics['failed'][0]['id']}: {metrics['failed'][0]['error']}", file=sys.stderr)
             print(f"{bench.name} {name}: score {metrics['score']:.1f}  kept {100 * metrics['mean_kept_visual_ratio']:.1f}%"
                   f"  n {metrics['n']}  -> {run_dir}", file=sys.stderr)
     if dist.rank != 0:

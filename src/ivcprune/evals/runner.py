@@ -6,6 +6,9 @@ as each finishes) and ``metrics.json`` (always recomputed from the predictions a
 - Resume: a rerun reads every record already written and skips those samples; a last line cut by a
   kill is dropped and its sample redone; nothing is duplicated (the last record of an id wins when
   scoring).
+- A sample whose prediction raises (an image the processor refuses, say) is reported with its error in
+  ``metrics.json`` (``n_failed``, ``failed``) and retried by the next run; the run goes on, unless its
+  first samples all fail, which is a setup error and stops it.
 - Data-parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` of ``w`` takes samples
   ``r, r + w, ...`` and appends to ``predictions.part{r}.jsonl``; at the end rank 0 merges the parts into
   ``predictions.jsonl`` in dataset order and scores. Parts left by a killed run are merged by the
@@ -29,6 +32,10 @@ from .metrics import read_records, score_records
 PRED = "predictions.jsonl"
 PART_GLOB = "predictions.part*.jsonl"
 # run.json fields that must match when a run directory is resumed
+# fields of metrics.json that describe the last run rather than its predictions (kept by `score`)
+RUN_FIELDS = ("n_skipped", "skipped", "n_failed", "failed", "wall_s", "n_new", "world_size")
+# a run whose first samples all fail stops with the error (a setup problem, not bad samples)
+SYSTEMATIC_FAILURES = 3
 IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels")
 
 
@@ -125,24 +132,39 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress or dist.rank != 0)
     t0 = time.time()
     new = 0
+    failed: list[dict[str, Any]] = []
     with open(target, "a", encoding="utf-8") as f:
         for pos, sample in enumerate(samples):
             bar.update(1)
             if pos % dist.world != dist.rank or str(sample.id) in done:
                 continue
-            rec = predict(sample)
+            try:
+                rec = predict(sample)
+            except Exception as e:  # noqa: BLE001 - one bad sample must not end a long run
+                if new == 0 and len(failed) + 1 >= SYSTEMATIC_FAILURES:
+                    raise  # every sample fails: a setup error, not a bad sample
+                failed.append({"id": str(sample.id), "pos": pos, "error": f"{type(e).__name__}: {e}"})
+                continue
             rec["pos"] = pos
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done.add(str(sample.id))
             new += 1
     bar.close()
+    if dist.world > 1:  # rank 0 reports every rank's failures
+        (run_dir / f"failed.part{dist.rank}.json").write_text(json.dumps(failed))
     dist.barrier()
     if dist.rank != 0:
         return None
+    if dist.world > 1:
+        failed = [x for r in range(dist.world) for x in json.loads((run_dir / f"failed.part{r}.json").read_text())]
+        for r in range(dist.world):
+            (run_dir / f"failed.part{r}.json").unlink()
     merge_parts(run_dir)
     skipped = skipped or []
+    failed.sort(key=lambda x: x["pos"])
     extra = {"n_skipped": len(skipped), "skipped": [s.__dict__ for s in skipped[:50]],
+             "n_failed": len(failed), "failed": failed[:50],
              "wall_s": round(time.time() - t0, 1), "n_new": new, "world_size": dist.world}
     return score_run(run_dir, extra)
 
@@ -161,7 +183,7 @@ def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[
         old = json.loads((run_dir / "metrics.json").read_text())
     records = list(read_records(files).values())
     task = info.get("task") or (records[0].get("task", "grounding") if records else "grounding")
-    kept_extra = {k: old[k] for k in ("n_skipped", "skipped", "wall_s", "n_new", "world_size") if k in old}
+    kept_extra = {k: old[k] for k in RUN_FIELDS if k in old}
     metrics = {**info, "task": task, **kept_extra, **(extra or {}),
                **score_records(records, task, info.get("benchmark"))}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

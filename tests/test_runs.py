@@ -132,6 +132,15 @@ def test_resume_after_crash(data, tmp_path, monkeypatch):
     assert _eval(out, str(data["pope"]), "--method", "ivc", "--budget", "0.25") == 2
 
 
+def test_limit_then_resume_the_rest(data, tmp_path):
+    out = tmp_path / "lim"
+    assert _eval(out, str(data["mmbench"]), "--limit", "2") == 0
+    assert [r["id"] for r in _records(out)] == ["0", "1"]
+    assert _eval(out, str(data["mmbench"])) == 0
+    assert [r["id"] for r in _records(out)] == ["0", "1", "2", "1000000", "1000001"]
+    assert json.loads((out / "metrics.json").read_text())["n_new"] == 3
+
+
 def test_score_recomputes_from_predictions(data, tmp_path, capsys):
     out = tmp_path / "s"
     assert _eval(out, str(data["mme"]), "--method", "random", "--budget", "0.5") == 0

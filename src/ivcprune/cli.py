@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -232,8 +233,12 @@ def cmd_eval(args) -> int:
                 return predict_sample(model, processor, sample, method, family=family,
                                       max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels)
 
-            metrics = run_resumable(bench.open(skipped), predict, run_dir, info=info, total=bench.total,
-                                    progress=not args.quiet, dist=dist, skipped=skipped)
+            samples, total = bench.open(skipped), bench.total
+            if args.limit is not None:
+                samples = itertools.islice(samples, args.limit)
+                total = args.limit if total is None else min(total, args.limit)
+            metrics = run_resumable(samples, predict, run_dir, info=info, total=total, progress=not args.quiet,
+                                    dist=dist, skipped=skipped)
             if metrics is None:  # not rank 0
                 continue
             rows.append(metrics)
@@ -364,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
                    help="synthetic: number of samples (under torchrun spell it --num-samples: torchrun takes --n for "
                         "its own options)")
+    e.add_argument("--limit", type=int, default=None,
+                   help="only the first N samples of each benchmark (a quick look; a later run with a larger "
+                        "limit or none resumes)")
     e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     e.add_argument("--gt-frame", default="original", choices=["original", "resized28"],
                    help="grounding TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded "

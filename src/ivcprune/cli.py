@@ -198,6 +198,10 @@ def cmd_eval(args) -> int:
     if processor is None:
         raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
     family = args.style or model.config.model_type
+    from .adapters import get_adapter
+
+    resolved_of = {name: method.resolve(get_adapter(model)) if method is not None else {}
+                   for name, _, _, _, method in built}
     out = Path(args.out)
     rows = []
     for bench in benches:
@@ -208,14 +212,10 @@ def cmd_eval(args) -> int:
         bench_dir = out / bench.name if len(benches) > 1 else out
         for name, m, b, k, method in built:
             run_dir = bench_dir if len(built) == 1 else bench_dir / name
-            resolved = {}
-            if method is not None:
-                from .adapters import get_adapter
-
-                resolved = method.resolve(get_adapter(model))
+            resolved = resolved_of[name]
             prompt = args.prompt_template
             if bench.task == "grounding" and prompt is None:
-                prompt = ev.PROMPTS.get(family, ev.PROMPTS["qwen2_5_vl"])
+                prompt = ev.grounding_prompt(family)
             info = {"name": name, "model": spec, "model_path": args.model, "data": args.data if len(benches) == 1
                     else bench.name, "benchmark": bench.name, "source": bench.source, "task": bench.task,
                     "method": m, "label": ev.METHOD_LABELS[m],
@@ -266,12 +266,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .evals.runner import find_runs, score_run
+    from .evals.runner import compare_table, run_dirs, score_run
 
     dirs = []
-    for p in map(Path, args.run_dir):
-        found = [p] if any(p.glob("predictions*.jsonl")) else sorted(
-            {q.parent for q in [*p.glob("*/predictions*.jsonl"), *p.glob("*/*/predictions*.jsonl")]})
+    for p in args.run_dir:
+        try:
+            found = run_dirs(p, "predictions*.jsonl")
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
         if not found:
             raise SystemExit(f"{p}: no predictions.jsonl here or below")
         dirs.extend(found)
@@ -282,9 +284,7 @@ def cmd_score(args) -> int:
     for d, m in zip(dirs, results):
         print(f"{d}: {m.get('benchmark') or m.get('data')} {m.get('label', m.get('method'))}: score {m['score']:.2f} "
               f"n {m['n']}", file=sys.stderr)
-    from .evals.runner import compare_table
-
-    table, _ = compare_table(find_runs(dirs))
+    table, _ = compare_table([{**m, "_dir": str(d)} for d, m in zip(dirs, results)])
     print(table)
     return 0
 

@@ -191,17 +191,24 @@ def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[
 
 
 # -- comparison across runs --------------------------------------------------------------------------
+def run_dirs(path: str | Path, marker: str) -> list[Path]:
+    """Run directories at ``path`` or up to two levels below it, recognised by a file matching ``marker``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such run directory: {p}")
+    if any(p.glob(marker)):
+        return [p]
+    return sorted({q.parent for q in [*p.glob(f"*/{marker}"), *p.glob(f"*/*/{marker}")]})
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """metrics.json of the runs under each path (the path itself, or up to two levels below)."""
     found: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"no such run directory: {p}")
-        cands = [p / "metrics.json"] if (p / "metrics.json").exists() else \
-            sorted([*p.glob("*/metrics.json"), *p.glob("*/*/metrics.json")])
-        if not cands:
+    for p in paths:
+        dirs = run_dirs(p, "metrics.json")
+        if not dirs:
             raise FileNotFoundError(f"{p}: no metrics.json here or below (run `ivcprune score` on it?)")
-        found.extend(cands)
+        found.extend(d / "metrics.json" for d in dirs)
     runs = []
     for m in found:
         rec = json.loads(m.read_text())

@@ -112,9 +112,9 @@ def predict_sample(model, processor, sample: Sample, method: PruningMethod | Non
                    pixels: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
     """Answer one sample and judge it; the record the run's predictions file gets."""
     if sample.task == "grounding":
-        from ..grounding.evaluate import PROMPTS, grounding_record
+        from ..grounding.evaluate import grounding_prompt, grounding_record
 
-        template = prompt_template or PROMPTS.get(family, PROMPTS["qwen2_5_vl"])
+        template = prompt_template or grounding_prompt(family)
         gen = generate_answer(model, processor, sample.images, template.format(ref=sample.question), method,
                               max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["grounding"], pixels=pixels)
         patch = model.config.vision_config.patch_size

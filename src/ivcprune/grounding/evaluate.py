@@ -23,6 +23,11 @@ PROMPTS = {
 }
 
 
+def grounding_prompt(family: str) -> str:
+    """The grounding prompt template (``{ref}``) of a model family; Qwen2.5-VL's for other families."""
+    return PROMPTS.get(family, PROMPTS["qwen2_5_vl"])
+
+
 def _to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tuple[int, int]):
     """Model-frame box -> original image pixels."""
     if box is None:
@@ -77,7 +82,7 @@ def run_eval(model, processor, items: Iterable[GroundingItem], method: PruningMe
              ) -> dict[str, Any]:
     """Evaluate grounding items into ``out_dir`` (predictions.jsonl, metrics.json); resumes an interrupted run."""
     style = style or model.config.model_type
-    prompt = prompt or PROMPTS.get(style, PROMPTS["qwen2_5_vl"])
+    prompt = prompt or grounding_prompt(style)
     info = {"task": "grounding", **info, "prompt": prompt, "style": style}
     return run_resumable(items, lambda it: predict(model, processor, it, method, style=style, prompt=prompt,
                                                    max_new_tokens=max_new_tokens),

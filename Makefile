@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+# no pip cache: the CUDA build of torch alone is several GB, and CI disks are not always roomy
+PIP := $(PY) -m pip --no-cache-dir
 # torch/torchvision are pinned to builds that install offline on CPU machines; any pair inside
 # the ranges of pyproject.toml works for users.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1

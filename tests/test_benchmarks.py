@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from benchfix import b64_image, mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet, write_tsv
@@ -9,6 +11,7 @@ from ivcprune.evals.answers import extract_choice, extract_yes_no
 from ivcprune.evals.benchmarks import detect_task, load_benchmark, read_refcoco_parquet, read_vqa_tsv
 from ivcprune.evals.metrics import mcq_metrics, score_records, yesno_metrics
 from ivcprune.evals.tasks import mcq_prompt, yesno_prompt
+from ivcprune.inputs import EncodedImage
 
 OPTS = {"A": "red", "B": "green", "C": "blue", "D": "dark red"}
 
@@ -54,7 +57,8 @@ def test_mcq_tsv_references_circular_and_malformed(tmp_path):
     assert samples[0].hint == "It is a flat colour." and samples[1].hint is None
     assert samples[1].options == {"A": "circle", "B": "square"}  # blank option columns dropped
     # circular copies reuse the image of the row they point at
-    assert samples[3].images[0].tobytes() == samples[0].images[0].tobytes()
+    assert all(isinstance(s.images[0], EncodedImage) for s in samples)  # decoded only when predicted
+    assert samples[3].images[0].load().tobytes() == samples[0].images[0].load().tobytes()
     assert samples[3].meta["image_key"] == "0" and samples[3].meta["category"] == "attribute"
     assert [(s.index, s.line) for s in skipped] == [("3", 7), ("4", 8)]
     assert "not one of the options" in skipped[0].reason and "row 77" in skipped[1].reason
@@ -82,11 +86,15 @@ def test_tsv_by_path_and_image_lists(tmp_path):
         [7, "Which?", "A", "x", "y", "a.png"],
         [8, "Two images?", "B", "x", "y", str([b64_image((9, 9, 9)), "a.png"])],
         [9, "Missing file?", "A", "x", "y", "nowhere.png"],
+        [10, "Not an image?", "A", "x", "y", base64.b64encode(b"plain text, no image").decode()],
     ])
     skipped = []
     rows = list(read_vqa_tsv(path, detect_task(path), skipped))
     assert [len(r.images) for r in rows] == [1, 2] and rows[0].images[0].size == (64, 48)
-    assert skipped[0].index == "9" and "FileNotFoundError" in skipped[0].reason
+    assert rows[1].images[1].load().getpixel((0, 0)) == (1, 2, 3) and rows[1].images[0].size == (224, 196)
+    # a missing file or bytes that are no image are caught where the row is read, not when predicted
+    assert [s.index for s in skipped] == ["9", "10"] and "FileNotFoundError" in skipped[0].reason
+    assert "UnidentifiedImageError" in skipped[1].reason
 
 
 def test_refcoco_parquet(tmp_path):

@@ -132,13 +132,18 @@ def test_resume_after_crash(data, tmp_path, monkeypatch):
     assert _eval(out, str(data["pope"]), "--method", "ivc", "--budget", "0.25") == 2
 
 
-def test_limit_then_resume_the_rest(data, tmp_path):
+def test_limit_then_resume_the_rest(data, tmp_path, monkeypatch):
+    from ivcprune.inputs import EncodedImage
+
+    decoded = []  # images are decoded only for the samples predicted, not for those done already
+    real = EncodedImage.load
+    monkeypatch.setattr(EncodedImage, "load", lambda self: decoded.append(self) or real(self))
     out = tmp_path / "lim"
     assert _eval(out, str(data["mmbench"]), "--limit", "2") == 0
-    assert [r["id"] for r in _records(out)] == ["0", "1"]
+    assert [r["id"] for r in _records(out)] == ["0", "1"] and len(decoded) == 2
     assert _eval(out, str(data["mmbench"])) == 0
     assert [r["id"] for r in _records(out)] == ["0", "1", "2", "1000000", "1000001"]
-    assert json.loads((out / "metrics.json").read_text())["n_new"] == 3
+    assert json.loads((out / "metrics.json").read_text())["n_new"] == 3 and len(decoded) == 5
 
 
 def test_score_recomputes_from_predictions(data, tmp_path, capsys):

@@ -18,7 +18,7 @@ def user_message(prompt: str, images=(), videos=(), *, min_pixels: int | None = 
     """One user turn: the images / videos first, then the prompt (Qwen-VL's usual layout)."""
     content: list[dict[str, Any]] = []
     for img in images:
-        item: dict[str, Any] = {"type": "image", "image": img}
+        item: dict[str, Any] = {"type": "image", "image": as_rgb(img)}
         if min_pixels is not None:
             item["min_pixels"] = min_pixels
         if max_pixels is not None:
@@ -48,10 +48,42 @@ def load_image(path_or_image) -> Image.Image:
         return im.convert("RGB")
 
 
-def decode_image(value: str, base_dir: str | Path = ".") -> Image.Image:
-    """A dataset's image field -> RGB image: a path (absolute, or relative to ``base_dir``) or base64."""
+class EncodedImage:
+    """A dataset's image still in its file encoding: the header is read at once (so a missing file or
+    bytes that are no image are caught where the row is read, and ``size`` is known), the pixels are
+    decoded by :meth:`load` when the sample is predicted. Samples a run skips (done already, another
+    rank's shard) therefore cost no decoding."""
+
+    def __init__(self, data: bytes | None = None, path: str | Path | None = None):
+        if (data is None) == (path is None):
+            raise ValueError("EncodedImage takes image bytes or a path")
+        self.data, self.path = data, None if path is None else Path(path)
+        if self.path is not None and not self.path.is_file():
+            raise FileNotFoundError(f"image not found: {self.path}")
+        with self._open() as im:
+            self.size: tuple[int, int] = im.size
+
+    def _open(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.data)) if self.data is not None else Image.open(self.path)
+
+    def load(self) -> Image.Image:
+        """The decoded RGB image (decoded on every call; nothing is cached)."""
+        with self._open() as im:
+            return im.convert("RGB")
+
+    def __repr__(self) -> str:
+        where = self.path if self.path is not None else f"{len(self.data)} bytes"
+        return f"EncodedImage({where}, size={self.size})"
+
+
+def as_rgb(image) -> Image.Image:
+    """A PIL image, decoding an :class:`EncodedImage`."""
+    return image.load() if isinstance(image, EncodedImage) else image
+
+
+def read_image_field(value: str, base_dir: str | Path = ".") -> EncodedImage:
+    """A dataset's image field (a path, absolute or relative to ``base_dir``, or base64) -> :class:`EncodedImage`."""
     value = value.strip()
     if len(value) < 1024 and Path(value).suffix.lower() in IMAGE_SUFFIXES:
-        return load_image(value if os.path.isabs(value) else Path(base_dir) / value)
-    with Image.open(io.BytesIO(base64.b64decode(value, validate=False))) as im:
-        return im.convert("RGB")
+        return EncodedImage(path=value if os.path.isabs(value) else Path(base_dir) / value)
+    return EncodedImage(data=base64.b64decode(value, validate=False))

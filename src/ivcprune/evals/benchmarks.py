@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import io
 import os
 import string
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from ..grounding.data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
-from ..inputs import decode_image
+from ..inputs import EncodedImage, read_image_field
 
 TASKS = ("mcq", "yesno", "grounding")
 
@@ -63,7 +62,7 @@ class Sample:
 
     id: str
     task: str
-    images: list[Image.Image]
+    images: list[Image.Image | EncodedImage]  # read from files: EncodedImage, decoded when predicted
     question: str
     answer: Any
     options: dict[str, str] = field(default_factory=dict)
@@ -177,7 +176,7 @@ def read_vqa_tsv(path: str | Path, task: str, skipped: list[SkippedRow] | None =
                 else:
                     values = _image_values(raw)
                     images_by_index[idx] = values
-                images = [decode_image(v, path.parent) for v in values]
+                images = [read_image_field(v, path.parent) for v in values]
                 question = str(row.get("question") or "").strip()
                 if not question:
                     raise ValueError("empty question")
@@ -255,10 +254,9 @@ def read_refcoco_parquet(path: str | Path, split: str | None = None, refs: str =
                 try:
                     img = row["image"]
                     if isinstance(img, dict) and img.get("bytes"):
-                        with Image.open(io.BytesIO(img["bytes"])) as im:
-                            image = im.convert("RGB")
+                        image = EncodedImage(data=img["bytes"])
                     elif isinstance(img, dict) and img.get("path"):
-                        image = decode_image(img["path"], file.parent)
+                        image = read_image_field(img["path"], file.parent)
                     else:
                         raise ValueError("no image bytes or path")
                     x, y, w, h = (float(v) for v in row["bbox"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..inputs import decode_image
+from ..inputs import EncodedImage, as_rgb, read_image_field
 from .boxes import Box
 from . import synth
 
@@ -28,7 +28,7 @@ GT_FRAMES = ("original", "resized28")
 @dataclass
 class GroundingItem:
     id: str
-    image: Image.Image
+    image: Image.Image | EncodedImage  # EncodedImage when read from a file: decoded when predicted
     ref: str  # referring expression
     box: Box  # ground truth, original image pixels
     meta: dict = field(default_factory=dict)
@@ -76,7 +76,7 @@ def read_grounding_tsv(path: str | Path, gt_frame: str = "original", skipped: li
         for line, row in enumerate(reader, start=2):
             idx = (row.get("index") or "").strip() or f"line{line}"
             try:
-                image = decode_image(row["image"] or "", path.parent)
+                image = read_image_field(row["image"] or "", path.parent)
                 nums = [float(v) for v in (row["answer"] or "").replace(",", " ").split()]
                 if len(nums) < 4 or len(nums) % 4:
                     raise ValueError(f"answer {row['answer']!r} is not 'x1 y1 x2 y2'")
@@ -108,18 +108,19 @@ def write_grounding_tsv(path: str | Path, items, gt_frame: str = "original", ima
         w = csv.writer(f, delimiter="\t")
         w.writerow(["index", "image", "question", "answer", "width", "height"])
         for i, it in enumerate(items):
-            width, height = it.image.size
+            image = as_rgb(it.image)
+            width, height = image.size
             box = it.box
             if gt_frame == "resized28":
                 sx, sy = _resized28(width) / width, _resized28(height) / height
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
             if image_paths:
                 name = f"{it.id}.png"
-                it.image.save(path.parent / name)
+                image.save(path.parent / name)
                 image_field = name
             else:
                 buf = io.BytesIO()
-                it.image.save(buf, format="PNG")
+                image.save(buf, format="PNG")
                 image_field = base64.b64encode(buf.getvalue()).decode()
             w.writerow([it.id, image_field, it.ref, " ".join(f"{v:g}" for v in box), width, height])
     return path

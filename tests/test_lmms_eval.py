@@ -115,11 +115,14 @@ def task_dir(tmp_path_factory) -> Path:
     return root
 
 
-def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: str) -> tuple[dict, list[dict]]:
-    """``python -m lmms_eval`` in a subprocess; returns (results.json, logged samples in doc order).
+def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: str, nproc: int = 1
+                  ) -> tuple[dict, list[dict]]:
+    """``python -m lmms_eval`` in a subprocess (under ``torchrun`` with ``nproc`` processes when > 1);
+    returns (results.json, logged samples in doc order).
 
     ``registration``: ``"entry_point"`` (a distribution on PYTHONPATH declares the ``lmms_eval.models``
     entry point, as an installed ivcprune does) or ``"plugins"`` (``LMMS_EVAL_PLUGINS``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "LMMS_EVAL_PLUGINS"}
     env.update(HF_HOME=str(tmp / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
@@ -132,7 +135,9 @@ def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: s
         (dist / "entry_points.txt").write_text(f"[lmms_eval.models]\nivcprune = {ENTRY_POINT}\n")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(dist.parent), env.get("PYTHONPATH")) if p)
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "ivcprune", "--model_args", model_args,
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(nproc)]
+    cmd = [*launch, "-m", "lmms_eval", "--model", "ivcprune", "--model_args", model_args,
            "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--log_samples",
            "--batch_size", "1", "--verbosity", "WARNING"]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
@@ -189,6 +194,26 @@ def test_unpruned_answers_equal_model_generate(task_dir, tmp_path):
     answers = [s["filtered_resps"] for s in samples]
     assert all(answers)
     assert answers == direct_answers(task_dir)
+
+
+def test_two_processes_equal_one(task_dir, tmp_path):
+    """torchrun with 2 processes (gloo on the CPU): lmms-eval shards the 3 documents (one rank gets a
+    padding request) and gathers them; every answer and score equals the 1-process run's."""
+    args = "pretrained=toy,method=ivc,budget=0.5,prune_log={log}"
+    one, one_samples = run_lmms_eval(task_dir, tmp_path / "one", args.format(log=tmp_path / "one.jsonl"),
+                                     registration="plugins")
+    two, two_samples = run_lmms_eval(task_dir, tmp_path / "two", args.format(log=tmp_path / "two.jsonl"),
+                                     registration="plugins", nproc=2)
+    assert two["n-samples"][TASK]["effective"] == N_DOCS
+    assert [(s["doc_id"], s["filtered_resps"]) for s in two_samples] == \
+        [(s["doc_id"], s["filtered_resps"]) for s in one_samples]
+    assert two["results"][TASK] == one["results"][TASK]
+    # one prune log per rank; together they cover every document once, rank r taking r, r + 2, ...
+    logs = {r: [json.loads(x) for x in (tmp_path / f"two.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    real = {r: sorted({e["doc_id"] for e in entries}) for r, entries in logs.items()}
+    assert real == {0: [0, 2], 1: [1]}
+    assert all(e["visual_kept"] == 128 for entries in logs.values() for e in entries)
+    assert not (tmp_path / "two.jsonl").exists()
 
 
 def test_entry_point_is_declared_by_the_installed_package():
@@ -282,7 +307,7 @@ def test_loglikelihood_equals_generate_scores(lm, method):
 
 
 # -- arguments --------------------------------------------------------------------------------------
-def test_argument_errors():
+def test_argument_errors(monkeypatch):
     with pytest.raises(ValueError, match="batch_size must be 1"):
         IVCPruneLMM(pretrained="toy", batch_size=4)
     with pytest.raises(ValueError, match="batch_size must be 1"):
@@ -293,6 +318,9 @@ def test_argument_errors():
         IVCPruneLMM()
     with pytest.raises(ValueError, match="layer K=9 is out of range"):
         IVCPruneLMM(pretrained="toy", layer=9)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # data parallel: one model per process, not one over all GPUs
+    with pytest.raises(ValueError, match="device_map=auto spreads one model"):
+        IVCPruneLMM(pretrained="toy", device_map="auto")
 
 
 def test_build_method():

@@ -129,6 +129,28 @@ def test_names_resolve(tmp_path, monkeypatch):
         load_benchmark("nothing-here")
 
 
+def test_suites_expand_and_missing_benchmarks_are_named_together(tmp_path, monkeypatch, capsys):
+    from ivcprune.cli import main
+    from ivcprune.evals.benchmarks import expand_data
+
+    assert expand_data("vqa") == ["SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "MME", "POPE"]
+    paper = expand_data("paper")
+    assert len(paper) == 14 and paper[6:] == ["refcoco_val", "refcoco_testA", "refcoco_testB", "refcoco+_val",
+                                             "refcoco+_testA", "refcoco+_testB", "refcocog_val", "refcocog_test"]
+    assert expand_data("MME, vqa,synthetic") == ["MME", "SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar",
+                                                 "RealWorldQA", "POPE", "synthetic"]  # each once
+    with pytest.raises(ValueError, match="no benchmark"):
+        expand_data(" , ")
+    # two of the six VQA TSVs exist: the four others are named in one error, before any model loads
+    mme_tsv(tmp_path / "lmu"), pope_tsv(tmp_path / "lmu")
+    monkeypatch.setenv("LMUData", str(tmp_path / "lmu"))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "no/such-model", "--data", "vqa", "--out", str(tmp_path / "o")])
+    msg = str(e.value)
+    assert msg.startswith("4 of 6 benchmarks not found")
+    assert all(f"{n}.tsv not found" in msg for n in ("SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA"))
+
+
 def test_mcq_metrics_by_hand():
     recs = [  # question 0 right in both rotations, question 1 right once: circular 1/2, vanilla 3/4
         {"id": "0", "pred": "A", "correct": True, "category": "x"},

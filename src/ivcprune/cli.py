@@ -170,7 +170,7 @@ def _int_list(text: str | None):
 
 
 def cmd_eval(args) -> int:
-    from .evals.benchmarks import load_benchmark
+    from .evals.benchmarks import expand_data, load_benchmark
     from .evals.runner import init_distributed, run_resumable
     from .evals.tasks import authors_pixels, predict_sample
     from .grounding import evaluate as ev
@@ -183,13 +183,19 @@ def cmd_eval(args) -> int:
     knobs = dict(ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
                  foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic, seed=args.random_seed)
     built = [(name, m, b, k, ev.make_eval_method(m, b, k, **knobs)) for name, m, b, k in runs]  # bad knobs fail here
-    benches = []
-    for data in args.data.split(","):
+    benches, missing = [], []
+    try:
+        names = expand_data(args.data)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for data in names:  # every benchmark is found before the model loads; all missing ones are named at once
         try:
             benches.append(load_benchmark(data, task=args.task, split=args.split, data_dir=args.data_dir, n=args.n,
                                           seed=args.seed, gt_frame=args.gt_frame, refs=args.refs))
         except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
+            missing.append(str(e))
+    if missing:
+        raise SystemExit(f"{len(missing)} of {len(names)} benchmarks not found:\n" + "\n".join(missing))
     dist = init_distributed()
     if dist.world > 1 and args.device_map == "auto":
         raise SystemExit("--device-map auto spreads one model over all GPUs: run it as one process; under torchrun "
@@ -357,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True,
                    help="comma list of: 'synthetic', a VLMEvalKit TSV, an lmms-lab RefCOCO parquet file or folder, "
                         "or a benchmark name (MMBench_DEV_EN_V11, SEEDBench_IMG, MMStar, RealWorldQA, MME, POPE, "
-                        "refcoco_val/testA/testB, refcoco+_val/testA/testB, refcocog_val/test)")
+                        "refcoco_val/testA/testB, refcoco+_val/testA/testB, refcocog_val/test), or a suite: "
+                        "vqa (the six VQA benchmarks), refcoco (the eight RefCOCO splits), paper (both)")
     e.add_argument("--data-dir", default=None,
                    help="folder with benchmark TSVs / RefCOCO datasets (default: $LMUData, ~/LMUData, HF cache)")
     e.add_argument("--task", default=None, choices=["grounding", "mcq", "yesno"],

@@ -1,7 +1,8 @@
 """Benchmarks on disk: VLMEvalKit TSVs (multiple choice, yes/no, grounding) and lmms-lab RefCOCO parquet.
 
 A benchmark is named by a path (a ``.tsv`` / ``.parquet`` file, or a RefCOCO dataset folder with a
-``--split``) or by its name, looked up the way VLMEvalKit and Hugging Face keep them:
+``--split``) or by its name, looked up the way VLMEvalKit and Hugging Face keep them (the suites
+``vqa``, ``refcoco`` and ``paper`` name the authors' benchmarks, see :data:`SUITES`):
 
 - ``MMBench_DEV_EN_V11``, ``SEEDBench_IMG``, ``MMStar``, ``RealWorldQA``, ``MME``, ``POPE`` (any case):
   ``NAME.tsv`` in ``--data-dir``, else in ``$LMUData``, else in ``~/LMUData`` (VLMEvalKit's folder);
@@ -319,6 +320,29 @@ def canonical_name(name: str) -> str:
 
 def known_names() -> list[str]:
     return [*VQA_BENCHMARKS, *REFCOCO_SPLITS]
+
+
+# The benchmarks of the authors' evaluation (METHOD.md), by group.
+SUITES = {
+    "vqa": ["SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "MME", "POPE"],
+    "refcoco": ["refcoco_val", "refcoco_testA", "refcoco_testB", "refcoco+_val", "refcoco+_testA",
+                "refcoco+_testB", "refcocog_val", "refcocog_test"],
+}
+SUITES["paper"] = SUITES["vqa"] + SUITES["refcoco"]
+
+
+def expand_data(spec: str) -> list[str]:
+    """A ``--data`` comma list with suite names (``vqa``, ``refcoco``, ``paper``) expanded, each entry once."""
+    out: list[str] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        for name in SUITES.get(item.lower(), [item]):
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise ValueError("--data names no benchmark")
+    return out
 
 
 def load_benchmark(data: str, *, task: str | None = None, split: str | None = None, data_dir: str | None = None,

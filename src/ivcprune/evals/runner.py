@@ -144,6 +144,7 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
                 if new == 0 and len(failed) + 1 >= SYSTEMATIC_FAILURES:
                     raise  # every sample fails: a setup error, not a bad sample
                 failed.append({"id": str(sample.id), "pos": pos, "error": f"{type(e).__name__}: {e}"})
+                _release_cuda_memory()  # an out-of-memory sample must not starve the next ones
                 continue
             rec["pos"] = pos
             f.write(json.dumps(rec) + "\n")
@@ -167,6 +168,13 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
              "n_failed": len(failed), "failed": failed[:50],
              "wall_s": round(time.time() - t0, 1), "n_new": new, "world_size": dist.world}
     return score_run(run_dir, extra)
+
+
+def _release_cuda_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def test_metrics_from_scripted_answers(data, tmp_path, monkeypatch):
     assert not script
 
 
-def test_resume_after_crash(data, tmp_path, monkeypatch):
+def test_resume_after_crash(data, tmp_path, monkeypatch, capsys):
     ref, out = tmp_path / "ref", tmp_path / "crashed"
     args = ("--method", "ivc", "--budget", "0.5")
     assert _eval(ref, str(data["pope"]), *args) == 0
@@ -128,8 +128,13 @@ def test_resume_after_crash(data, tmp_path, monkeypatch):
     # the resumed run's predictions equal an uninterrupted run's
     by_id = {r["id"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in done}
     assert by_id == {r["id"]: r for r in _records(ref)}
-    # resuming into a run of another configuration is refused
+    # resuming into a run of another configuration (method, or the model's dtype) is refused
     assert _eval(out, str(data["pope"]), "--method", "ivc", "--budget", "0.25") == 2
+    capsys.readouterr()
+    assert _eval(out, str(data["pope"]), *args, "--dtype", "bfloat16") == 2
+    assert "holds predictions of another run (dtype differ" in capsys.readouterr().err
+    env = json.loads((out / "run.json").read_text())["environment"]
+    assert (env["dtype"], env["world_size"]) == ("float32", 1) and {"torch", "transformers", "ivcprune"} <= set(env)
 
 
 def test_limit_then_resume_the_rest(data, tmp_path, monkeypatch):

@@ -312,15 +312,29 @@ def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int
     bar.close()
     return {
         "model": model_name,
-        "device": _device_name(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "attn_implementation": model.config._attn_implementation,
+        **environment(model),
         "method": describe(method.last_report.config if method.last_report else {}),
         "config": (method.last_report.config if method.last_report else {}),
         "new_tokens": new_tokens,
         "repeats": repeats,
-        "torch": torch.__version__,
         "rows": rows,
+    }
+
+
+def environment(model: torch.nn.Module) -> dict[str, Any]:
+    """Where and how a model runs: device, dtype, attention implementation and library versions."""
+    import transformers
+
+    from . import __version__
+
+    param = next(model.parameters())
+    return {
+        "device": _device_name(param.device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "attn_implementation": model.config._attn_implementation,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ivcprune": __version__,
     }
 
 

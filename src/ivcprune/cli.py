@@ -208,6 +208,9 @@ def cmd_eval(args) -> int:
 
     resolved_of = {name: method.resolve(get_adapter(model)) if method is not None else {}
                    for name, _, _, _, method in built}
+    from .bench import environment
+
+    env = environment(model)  # dtype and attention must match to resume a run; the rest is recorded
     out = Path(args.out)
     rows = []
     for bench in benches:
@@ -229,7 +232,8 @@ def cmd_eval(args) -> int:
                     "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                     "prompt": prompt, "max_new_tokens": args.max_new_tokens,
                     "seed": args.seed if bench.source == "synthetic" else None,
-                    "split": bench.split}
+                    "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
+                    "environment": {**env, "world_size": dist.world}}
             lo, hi = authors_pixels(model.config, bench.task)
             pixels = (args.min_pixels or lo, args.max_pixels or hi)
             info["pixels"] = list(pixels)

@@ -36,7 +36,8 @@ PART_GLOB = "predictions.part*.jsonl"
 RUN_FIELDS = ("n_skipped", "skipped", "n_failed", "failed", "wall_s", "n_new", "world_size")
 # a run whose first samples all fail stops with the error (a setup problem, not bad samples)
 SYSTEMATIC_FAILURES = 3
-IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels")
+IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels",
+            "dtype", "attn_implementation")
 
 
 @dataclass

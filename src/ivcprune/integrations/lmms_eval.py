@@ -24,13 +24,15 @@ Model arguments (``--model_args``, comma-separated ``key=value``):
 - ``prune_log``: a JSONL file to which one line per request is appended (task, doc id, visual tokens kept).
 
 Requests run one at a time (``--batch_size 1``, the only size pruning supports): ``generate_until``,
-``generate_until_multi_round`` and ``loglikelihood``. Several processes (``torchrun --nproc-per-node N
--m lmms_eval ...``, or ``accelerate launch``) run data parallel: lmms-eval gives each rank its share of the documents and gathers the results; each process
-loads the model on the GPU of its local rank (the CPU without CUDA), and ``prune_log`` gets one file per
-rank (``NAME.rankR.jsonl``). (lmms-eval 0.7.3 itself turns
-every model's loglikelihood results into strings before its ``multiple_choice`` / ``loglikelihood`` tasks
-score them, so those task types fail there whatever the model.) Videos (paths from ``doc_to_visual``) take
+``generate_until_multi_round`` and ``loglikelihood``. (lmms-eval 0.7.3 itself turns every model's
+loglikelihood results into strings before its ``multiple_choice`` / ``loglikelihood`` tasks score them,
+so those task types fail there whatever the model.) Videos (paths from ``doc_to_visual``) take
 qwen-vl-utils' default sampling and size.
+
+Several processes (``torchrun --nproc-per-node N -m lmms_eval ...``, or ``accelerate launch``) run data
+parallel: lmms-eval gives each rank its share of the documents and gathers the results; each process
+loads the whole model on the GPU of its local rank (the CPU without CUDA; an explicit ``device_map``
+other than ``auto`` is kept), and ``prune_log`` gets one file per rank (``NAME.rankR.jsonl``).
 """
 
 from __future__ import annotations
@@ -209,14 +211,14 @@ class IVCPruneLMM(lmms):
         if str(batch_size if batch_size is not None else 1) != "1":
             raise ValueError(f"{MODEL_NAME} prunes one prompt at a time: batch_size must be 1, got {batch_size!r}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # data parallel (accelerate launch / torchrun): lmms-eval shards the documents by rank and
-            # gathers the results; each process holds the whole model on its own device
+            # data parallel (torchrun / accelerate launch): lmms-eval has set up the process group, shards
+            # the documents by rank and gathers the results; each process holds the whole model
             if device_map == "auto":
                 raise ValueError(f"device_map=auto spreads one model over all GPUs: run {MODEL_NAME} as one "
                                  "process for that, or leave device_map out to get one GPU per process")
-            # (lmms-eval's launcher has set up the process group; ranks come from the launcher's environment)
             self._rank, self._world_size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-            device_map = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+            if device_map is None:  # not lmms-eval's --device, which names one device for every rank
+                device_map = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         spec = resolve_model_spec(str(pretrained))
         if spec.startswith("random:"):
             raise ValueError("random:NAME models have no processor; pass a checkpoint path, a hub id or toy")

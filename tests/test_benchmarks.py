@@ -129,7 +129,7 @@ def test_names_resolve(tmp_path, monkeypatch):
         load_benchmark("nothing-here")
 
 
-def test_suites_expand_and_missing_benchmarks_are_named_together(tmp_path, monkeypatch, capsys):
+def test_suites_expand_and_missing_benchmarks_are_named_together(tmp_path, monkeypatch):
     from ivcprune.cli import main
     from ivcprune.evals.benchmarks import expand_data
 
@@ -142,7 +142,8 @@ def test_suites_expand_and_missing_benchmarks_are_named_together(tmp_path, monke
     with pytest.raises(ValueError, match="no benchmark"):
         expand_data(" , ")
     # two of the six VQA TSVs exist: the four others are named in one error, before any model loads
-    mme_tsv(tmp_path / "lmu"), pope_tsv(tmp_path / "lmu")
+    mme_tsv(tmp_path / "lmu")
+    pope_tsv(tmp_path / "lmu")
     monkeypatch.setenv("LMUData", str(tmp_path / "lmu"))
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", "no/such-model", "--data", "vqa", "--out", str(tmp_path / "o")])

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
-pytest.importorskip("accelerate")
-
-from benchfix import mmbench_tsv  # noqa: E402
-from ivcprune.cli import main  # noqa: E402
-from ivcprune.grounding.synth import make_sample  # noqa: E402
-from ivcprune.inputs import build_inputs, user_message  # noqa: E402
-from ivcprune.methods import make_method  # noqa: E402
-from ivcprune.models import load_model, resolve_model_spec  # noqa: E402
-from ivcprune.presets import preset_for  # noqa: E402
+from benchfix import mmbench_tsv
+from ivcprune.cli import main
+from ivcprune.grounding.synth import make_sample
+from ivcprune.inputs import build_inputs, user_message
+from ivcprune.methods import make_method
+from ivcprune.models import load_model, resolve_model_spec
+from ivcprune.presets import preset_for
 
 
 def _generate(model, inputs, method):

@@ -28,7 +28,7 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 def mmbench_tsv(folder: Path) -> Path:
     """3 questions, 2 with a circular copy (index + 1e6, options rotated, image by reference), 2 bad rows."""
-    head = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2_category", "image"]
+    head = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
     rows = [
         [0, "What colour is the picture?", "It is a flat colour.", "red", "green", "blue", "black", "A",
          "attribute", "perception", b64_image((220, 10, 10))],

@@ -60,6 +60,7 @@ def test_mcq_tsv_references_circular_and_malformed(tmp_path):
     assert all(isinstance(s.images[0], EncodedImage) for s in samples)  # decoded only when predicted
     assert samples[3].images[0].load().tobytes() == samples[0].images[0].load().tobytes()
     assert samples[3].meta["image_key"] == "0" and samples[3].meta["category"] == "attribute"
+    assert samples[2].meta["l2_category"] == "reasoning"  # MMBench's column is l2-category
     assert [(s.index, s.line) for s in skipped] == [("3", 7), ("4", 8)]
     assert "not one of the options" in skipped[0].reason and "row 77" in skipped[1].reason
 
@@ -163,6 +164,7 @@ def test_mcq_metrics_by_hand():
     assert m["accuracy"] == 0.75 and m["circular_accuracy"] == 0.5 and m["score"] == 50.0
     assert m["n_questions"] == 2 and m["n_unparseable"] == 1
     assert m["accuracy_by_category"] == {"x": 1.0, "y": 0.5}
+    assert m["circular_accuracy_by_category"] == {"x": 1.0, "y": 0.0}
     assert mcq_metrics(recs[:1] + recs[2:3])["score"] == 50.0  # no circular copies: plain accuracy
 
 

@@ -142,8 +142,8 @@ def read_vqa_tsv(path: str | Path, task: str, skipped: list[SkippedRow] | None =
 
     Columns: ``index, question, answer`` and ``image`` (base64, a path, a list of either, or -- as
     VLMEvalKit stores repeated images -- the ``index`` of the row that holds the image) or
-    ``image_path``; multiple choice adds ``A, B, ...`` and optionally ``hint``; ``category`` and
-    ``l2_category``/``split`` are kept for per-category scores.
+    ``image_path``; multiple choice adds ``A, B, ...`` and optionally ``hint``; ``category``,
+    ``l2-category`` (MMBench) or ``l2_category``, and ``split`` are kept for per-category scores.
     """
     if task not in ("mcq", "yesno"):
         raise ValueError(f"read_vqa_tsv reads mcq or yesno TSVs, not {task!r}")
@@ -196,8 +196,10 @@ def read_vqa_tsv(path: str | Path, task: str, skipped: list[SkippedRow] | None =
                     answer = low.capitalize()
                 if not _blank(row.get("image_path")):
                     key = str(row["image_path"]).strip()
-                meta = {k: str(row[k]).strip() for k in ("category", "l2_category", "split")
-                        if not _blank(row.get(k))}
+                meta = {k: str(row[k]).strip() for k in ("category", "split") if not _blank(row.get(k))}
+                l2 = row.get("l2-category", row.get("l2_category"))  # MMBench spells it with a hyphen
+                if not _blank(l2):
+                    meta["l2_category"] = str(l2).strip()
                 meta["image_key"] = key
                 hint = None if _blank(row.get("hint")) else str(row["hint"]).strip()
             except Exception as e:  # noqa: BLE001 - every malformed row is reported, none stops the run

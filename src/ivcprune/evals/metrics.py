@@ -94,11 +94,19 @@ def mcq_metrics(recs: list[dict]) -> dict[str, Any]:
         out["accuracy_by_l2_category"] = {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "l2_category").items()}
     ids = [r["id"] for r in recs]
     if all(str(i).isdigit() for i in ids) and any(int(i) >= CIRCULAR_OFFSET for i in ids):
-        groups: dict[int, list[bool]] = defaultdict(list)
+        groups: dict[int, list[dict]] = defaultdict(list)
         for r in recs:
-            groups[int(r["id"]) % CIRCULAR_OFFSET].append(bool(r["correct"]))
-        out["circular_accuracy"] = _mean(all(v) for v in groups.values())
+            groups[int(r["id"]) % CIRCULAR_OFFSET].append(r)
+        # one record per question: right only if every rotation is right (VLMEvalKit's per-category
+        # tables of MMBench count these too)
+        questions = [{**min(v, key=lambda r: int(r["id"])), "correct": all(r["correct"] for r in v)}
+                     for v in groups.values()]
+        out["circular_accuracy"] = _mean(q["correct"] for q in questions)
         out["n_questions"] = len(groups)
+        for key in ("category", "l2_category"):
+            if any(q.get(key) for q in questions):
+                out[f"circular_accuracy_by_{key}"] = {k: _mean(q["correct"] for q in v)
+                                                      for k, v in _by(questions, key).items()}
         out["score"] = 100 * out["circular_accuracy"]
     else:
         out["score"] = 100 * acc

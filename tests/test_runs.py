@@ -151,6 +151,24 @@ def test_limit_then_resume_the_rest(data, tmp_path, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["n_new"] == 3 and len(decoded) == 5
 
 
+def test_pictures_of_the_kept_tokens(data, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "pics"
+    args = ("--split", "val", "--methods", "none,ivc", "--budgets", "0.5", "--pictures", "2")
+    assert _eval(out, str(data["refcoco"]), *args, "--limit", "1") == 0
+    assert _eval(out, str(data["refcoco"]), *args) == 0  # the resumed run draws the one picture left
+    assert not (out / "none" / "pictures").exists()  # nothing pruned, nothing to draw
+    pics = sorted((out / "ivc-b0.5" / "pictures").glob("*.png"))
+    assert [p.name for p in pics] == ["val-0_0.png", "val-0_1.png"]  # ids made file-safe ("#" -> "_")
+    rec = next(r for r in _records(out / "ivc-b0.5") if r["id"] == "val-0#0")
+    w, h = rec["resized"]  # two panels of the image as the model saw it, titles above, the legend below
+    assert Image.open(pics[0]).size == (2 * w + 24, h + 18 + 16 + 22)
+    # multiple choice: the answer and the truth in the title instead of boxes
+    assert _eval(tmp_path / "mcq", str(data["mmbench"]), "--method", "ivc", "--pictures", "1", "--limit", "2") == 0
+    assert [p.name for p in (tmp_path / "mcq" / "pictures").glob("*.png")] == ["0.png"]
+
+
 def test_score_recomputes_from_predictions(data, tmp_path, capsys):
     out = tmp_path / "s"
     assert _eval(out, str(data["mme"]), "--method", "random", "--budget", "0.5") == 0

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,10 @@ def _int_list(text: str | None):
     return [None] if not text else [int(x) for x in text.split(",")]
 
 
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name))
+
+
 def cmd_eval(args) -> int:
     from .evals.benchmarks import expand_data, load_benchmark
     from .evals.runner import init_distributed, run_resumable
@@ -239,9 +244,20 @@ def cmd_eval(args) -> int:
             info["pixels"] = list(pixels)
             skipped: list = []
 
-            def predict(sample, method=method, prompt=prompt, pixels=pixels):
-                return predict_sample(model, processor, sample, method, family=family,
-                                      max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels)
+            # pictures of the kept tokens: the first --pictures samples this process predicts (rank 0
+            # only), counting those a run before drew; unpruned runs have none to draw
+            pictures = run_dir / "pictures"
+            drawn = len(list(pictures.glob("*.png"))) if pictures.is_dir() else 0
+            budget = {"left": max(0, args.pictures - drawn) if method is not None and dist.rank == 0 else 0}
+
+            def predict(sample, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
+                picture = pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > 0 else None
+                rec = predict_sample(model, processor, sample, method, family=family,
+                                     max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
+                                     picture=picture)
+                if picture is not None and picture.exists():
+                    budget["left"] -= 1
+                return rec
 
             samples, total = bench.open(skipped), bench.total
             if args.limit is not None:
@@ -380,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
                    help="synthetic: number of samples (under torchrun spell it --num-samples: torchrun takes --n for "
                         "its own options)")
+    e.add_argument("--pictures", type=int, default=0, metavar="N",
+                   help="draw the kept visual tokens of the first N predicted samples of each pruned run "
+                        "(RUN_DIR/pictures/ID.png: the image as the model saw it, boxes or answer, tokens by kind)")
     e.add_argument("--limit", type=int, default=None,
                    help="only the first N samples of each benchmark (a quick look; a later run with a larger "
                         "limit or none resumes)")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from .methods import IVCPrune
     from .models import load_model
     from .tiny import save_tiny_checkpoint
-    from .viz import draw_boxes, kinds_legend, panel, token_overlay
+    from .viz import prediction_picture
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         pruned_runs.append(pruned)
         span = pruner.last_report.spans[0]
         seen = images[0]
-        left = draw_boxes(seen, [(s.box, (0, 170, 0), "truth"), (boxes[0], (255, 140, 0), "unpruned"),
-                                 (boxes[1], (220, 0, 200), "IVC-Prune")])
-        right = token_overlay(seen, span, cell)
-        pic = panel([left, right], [f"{s.ref}  (IoU unpruned {ious[0]:.2f}, pruned {ious[1]:.2f})",
-                                    f"kept {span.kept}/{span.length} visual tokens at layer {pruner.last_report.layer}"],
-                    footer=kinds_legend(left.width + right.width + 24))
+        pic = prediction_picture(
+            seen, span, cell,
+            [(s.box, (0, 170, 0), "truth"), (boxes[0], (255, 140, 0), "unpruned"), (boxes[1], (220, 0, 200), "IVC-Prune")],
+            (f"{s.ref}  (IoU unpruned {ious[0]:.2f}, pruned {ious[1]:.2f})",
+             f"kept {span.kept}/{span.length} visual tokens at layer {pruner.last_report.layer}"))
         path = out / f"sample_{i}.png"
         pic.save(path)
         pictures.append(path)

@@ -83,3 +83,11 @@ def kinds_legend(width: int) -> Image.Image:
     return legend(width, [(KIND_COLORS["ivc_cos"], "IVC cos"), (KIND_COLORS["ivc_sin"], "IVC sin"),
                           (KIND_COLORS["seed"], "seed"), (KIND_COLORS["foreground"], "foreground"),
                           (PRUNED_SHADE, "pruned")])
+
+
+def prediction_picture(seen: Image.Image, span: SpanReport, cell: int, boxes, captions: tuple[str, str]) -> Image.Image:
+    """Two panels over the image as the model saw it: ``boxes`` (see :func:`draw_boxes`) on the left,
+    the span's visual tokens by kind on the right, a legend below; ``captions`` title the two."""
+    left = draw_boxes(seen, boxes)
+    right = token_overlay(seen, span, cell)
+    return panel([left, right], list(captions), footer=kinds_legend(left.width + right.width + 24))

@@ -71,6 +71,7 @@ class Generated:
     prefill_s: float
     report: Any
     grid: list[int]  # (t, h, w) patches of the first image
+    seen: list[Any]  # the images as the model saw them (resized)
 
 
 @torch.inference_mode()
@@ -79,7 +80,7 @@ def generate_answer(model, processor, images, prompt: str, method: PruningMethod
     """Greedy answer to ``prompt`` about ``images`` (resized within ``pixels`` = min, max), under ``method``."""
     from transformers import LogitsProcessorList
 
-    inputs, _ = build_inputs(processor, user_message(prompt, images, min_pixels=pixels[0], max_pixels=pixels[1]))
+    inputs, seen = build_inputs(processor, user_message(prompt, images, min_pixels=pixels[0], max_pixels=pixels[1]))
     device = next(model.parameters()).device
     inputs = inputs.to(device)
     clock = StepClock(device)  # stamps each step once its logits exist; the first one ends prefill
@@ -94,7 +95,8 @@ def generate_answer(model, processor, images, prompt: str, method: PruningMethod
         report = None
     text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     grid = inputs["image_grid_thw"][0].tolist() if "image_grid_thw" in inputs else [0, 0, 0]
-    return Generated(text=text, prefill_s=clock.stamps[0] - t0 if clock.stamps else 0.0, report=report, grid=grid)
+    return Generated(text=text, prefill_s=clock.stamps[0] - t0 if clock.stamps else 0.0, report=report, grid=grid,
+                     seen=seen)
 
 
 def _visual_fields(gen: Generated) -> dict[str, Any]:
@@ -107,10 +109,57 @@ def _visual_fields(gen: Generated) -> dict[str, Any]:
     }
 
 
+def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any]) -> bool:
+    """The kept visual tokens of the sample's first image, beside its boxes (grounding: truth green,
+    answer magenta) or its answer; ``False`` (nothing written) when nothing was pruned."""
+    from pathlib import Path
+
+    from ..viz import prediction_picture
+
+    rep = gen.report
+    if rep is None or not rep.spans or rep.spans[0].grid is None or not gen.seen:
+        return False
+    span, seen = rep.spans[0], gen.seen[0]
+    vc = model.config.vision_config
+    cell = vc.patch_size * vc.spatial_merge_size
+    size = (span.grid[2] * cell, span.grid[1] * cell)  # what the model saw: its processor may resize again
+    if seen.size != size:
+        seen = seen.resize(size)
+    boxes = []
+    if sample.task == "grounding":
+        ow, oh = sample.images[0].size
+        sx, sy = seen.width / ow, seen.height / oh
+        for key, color, label in (("gt", (0, 170, 0), "truth"), ("box", (220, 0, 200), "answer")):
+            b = rec.get(key)
+            boxes.append((None if b is None else (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), color, label))
+        verdict = f"IoU {rec['iou']:.2f}"
+    else:
+        verdict = f"answer {rec['pred'] or '?'}, truth {rec['gt']}: {'right' if rec['correct'] else 'wrong'}"
+    width = max(20, seen.width // 6 - len(verdict) - 4)  # the default font is about 6 px a character
+    question = " ".join(sample.question.split())
+    question = question if len(question) <= width else question[: width - 3] + "..."
+    pic = prediction_picture(seen, span, cell, boxes,
+                             (f"{question}  {verdict}", f"kept {span.kept}/{span.length} visual tokens at layer {rep.layer}"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pic.save(path)
+    return True
+
+
 def predict_sample(model, processor, sample: Sample, method: PruningMethod | None, *, family: str,
                    max_new_tokens: int | None = None, prompt_template: str | None = None,
-                   pixels: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
-    """Answer one sample and judge it; the record the run's predictions file gets."""
+                   pixels: tuple[int | None, int | None] = (None, None), picture=None) -> dict[str, Any]:
+    """Answer one sample and judge it; the record the run's predictions file gets. With ``picture`` (a
+    path), a pruned sample's kept tokens are drawn there too (:func:`save_picture`)."""
+    rec, gen = _predict(model, processor, sample, method, family=family, max_new_tokens=max_new_tokens,
+                        prompt_template=prompt_template, pixels=pixels)
+    if picture is not None:
+        save_picture(picture, model, sample, gen, rec)
+    return rec
+
+
+def _predict(model, processor, sample: Sample, method: PruningMethod | None, *, family: str,
+             max_new_tokens: int | None, prompt_template: str | None, pixels: tuple[int | None, int | None]
+             ) -> tuple[dict[str, Any], Generated]:
     if sample.task == "grounding":
         from ..grounding.evaluate import grounding_prompt, grounding_record
 
@@ -121,7 +170,7 @@ def predict_sample(model, processor, sample: Sample, method: PruningMethod | Non
         resized = (gen.grid[2] * patch, gen.grid[1] * patch)
         rec = grounding_record(sample.id, sample.question, gen.text, sample.answer, family, resized,
                                sample.images[0].size, kind=sample.meta.get("kind"))
-        return {**rec, **_visual_fields(gen)}
+        return {**rec, **_visual_fields(gen)}, gen
     if sample.task == "mcq":
         prompt = mcq_prompt(sample, family)
     elif sample.task == "yesno":
@@ -136,4 +185,4 @@ def predict_sample(model, processor, sample: Sample, method: PruningMethod | Non
     rec = {"id": sample.id, "task": sample.task, "answer": gen.text, "pred": pred, "gt": sample.answer,
            "correct": pred == sample.answer}
     rec.update({k: sample.meta[k] for k in ("category", "l2_category", "split", "image_key") if k in sample.meta})
-    return {**rec, **_visual_fields(gen)}
+    return {**rec, **_visual_fields(gen)}, gen

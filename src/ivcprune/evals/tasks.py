@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,8 +113,6 @@ def _visual_fields(gen: Generated) -> dict[str, Any]:
 def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any]) -> bool:
     """The kept visual tokens of the sample's first image, beside its boxes (grounding: truth green,
     answer magenta) or its answer; ``False`` (nothing written) when nothing was pruned."""
-    from pathlib import Path
-
     from ..viz import prediction_picture
 
     rep = gen.report

@@ -32,13 +32,20 @@ def user_message(prompt: str, images=(), videos=(), *, min_pixels: int | None = 
 
 def build_inputs(processor, messages: list[dict[str, Any]], *, image_patch_size: int = 14):
     """``(inputs, images)``: processor outputs (batch of one, ``return_tensors="pt"``) and the resized
-    PIL images the model sees (what a visualisation should draw on)."""
+    PIL images the model sees (what a visualisation should draw on): qwen-vl-utils resizes them, and
+    where the processor's own pixel bounds resize them again, they are brought to its patch grid."""
     from qwen_vl_utils import process_vision_info
 
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     images, videos = process_vision_info(messages, image_patch_size=image_patch_size)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
-    return inputs, list(images or [])
+    seen = list(images or [])
+    grids = inputs.get("image_grid_thw")
+    if seen and grids is not None:
+        patch = processor.image_processor.patch_size
+        sizes = [(int(g[2]) * patch, int(g[1]) * patch) for g in grids]
+        seen = [im if im.size == size else im.resize(size) for im, size in zip(seen, sizes)]
+    return inputs, seen
 
 
 def load_image(path_or_image) -> Image.Image:

@@ -121,9 +121,6 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
     span, seen = rep.spans[0], gen.seen[0]
     vc = model.config.vision_config
     cell = vc.patch_size * vc.spatial_merge_size
-    size = (span.grid[2] * cell, span.grid[1] * cell)  # what the model saw: its processor may resize again
-    if seen.size != size:
-        seen = seen.resize(size)
     boxes = []
     if sample.task == "grounding":
         ow, oh = sample.images[0].size

@@ -13,7 +13,7 @@ from ivcprune.grounding.synth import make_sample
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.methods import make_method
 from ivcprune.models import load_model, resolve_model_spec
-from ivcprune.presets import preset_for
+from ivcprune.methods import preset_for
 
 
 def _generate(model, inputs, method):

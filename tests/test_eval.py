@@ -9,7 +9,8 @@ from PIL import Image
 
 from ivcprune.cli import main
 from ivcprune.grounding.data import GroundingItem, write_grounding_tsv
-from ivcprune.grounding.evaluate import _to_original, comparison_markdown, grid, make_eval_method, score_predictions
+from ivcprune.grounding.evaluate import _to_original, comparison_markdown, grid, score_predictions
+from ivcprune.methods import make_method
 from ivcprune.tiny import save_tiny_checkpoint
 
 
@@ -49,11 +50,13 @@ def test_frames():
 def test_grid_and_methods():
     runs = grid(["none", "ivc", "random"], [0.5, 0.25], [None])
     assert [r[0] for r in runs] == ["none", "ivc-b0.5", "ivc-b0.25", "random-b0.5", "random-b0.25"]
-    assert make_eval_method("none", 0.5, 2) is None
-    assert make_eval_method("no_ivc", 0.5, 2).ablation == "no_ivc"
-    assert make_eval_method("random", 0.5, 2, seed=3).seed == 3
-    with pytest.raises(ValueError):
-        make_eval_method("fastv", 0.5, 2)
+    assert make_method("none", budget=0.5, layer=2) is None
+    assert make_method("no_ivc", budget=0.5, layer=2).ablation == "no_ivc"
+    assert make_method("random", budget=0.5, layer=2, seed=3).seed == 3
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("fastv", budget=0.5, layer=2)
+    with pytest.raises(ValueError, match="fixes ablation"):
+        make_method("no_ivc", ablation="ivc_only")
     md = comparison_markdown([
         {"method": "none", "label": "unpruned", "accuracy": 0.8, "mean_iou": 0.7, "mean_kept_visual_ratio": 1.0,
          "n_unparseable": 0, "n": 10},

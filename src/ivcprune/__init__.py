@@ -4,14 +4,13 @@
     pruner = IVCPrune(layer=16, budget=0.5)
     with pruner(model):
         out = model.generate(**inputs, max_new_tokens=128)
-    pruner.last_report
+    pruner.last_reports   # one report per batch row
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
-from .methods import IVCPrune, PruningMethod, RandomPrune, make_method
-from .presets import Preset, preset_for
+from .methods import REGISTRY, IVCPrune, Preset, PruningMethod, RandomPrune, make_method, preset_for, register
 from .report import PruneReport, SpanReport
-from .runtime import BatchSizeError, SpanInput, SpanSelection, UnsupportedCacheError
+from .runtime import BatchSizeError, Needs, RowInput, SpanInput, SpanSelection, UnsupportedCacheError
 
 __version__ = "0.1.0"
 
@@ -20,6 +19,10 @@ __all__ = [
     "RandomPrune",
     "PruningMethod",
     "make_method",
+    "register",
+    "REGISTRY",
+    "Needs",
+    "RowInput",
     "PruneReport",
     "SpanReport",
     "SpanInput",

@@ -27,33 +27,56 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random:NAME models only: override a text config field (or vision.FIELD)")
 
 
-def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc",
-                     choices: tuple[str, ...] = ("ivc", "random", "none")) -> None:
-    g = p.add_argument_group("pruning (unset knobs take the model's paper preset)")
-    g.add_argument("--method", default=default, choices=list(choices))
-    g.add_argument("--layer", type=int, default=None, help="K: prune before this decoder layer")
-    g.add_argument("--budget", type=float, default=None, help="fraction of each image's tokens kept, in (0, 1]")
-    g.add_argument("--budget-tokens", type=int, default=None, help="tokens kept per image (instead of --budget)")
-    g.add_argument("--ivc-ratio", type=float, default=None)
-    g.add_argument("--seed-ratio", type=float, default=None)
-    g.add_argument("--rule", choices=["fill", "union"], default=None)
-    g.add_argument("--foreground-ratio", type=float, default=None)
-    g.add_argument("--ivc-statistic", choices=["authors", "applied"], default=None)
-    g.add_argument("--ablation", choices=["no_ivc", "no_foreground", "ivc_only"], default=None)
-    g.add_argument("--random-seed", type=int, default=None, help="seed of --method random")
+def _knob_type(f):
+    kind = str(f.type)
+    if "bool" in kind:
+        return lambda text: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+    return float if "float" in kind else int if "int" in kind else str
 
 
-def _method_from_args(args):
+def _method_knobs() -> dict[str, Any]:
+    """Every knob of every registered method, by name: the field that defines it (first one wins)."""
+    from .methods import REGISTRY, knob_fields
+
+    knobs: dict[str, Any] = {}
+    for entry in REGISTRY.values():
+        for f in knob_fields(entry.cls):
+            knobs.setdefault(f.name, f)
+    return knobs
+
+
+def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc") -> None:
+    """``--method`` and one flag per knob of the registered methods (from their dataclass fields)."""
+    from .methods import method_names
+
+    g = p.add_argument_group("pruning (unset knobs take the method's default or the model's paper preset)")
+    g.add_argument("--method", default=default, choices=list(method_names()))
+    for name, f in _method_knobs().items():
+        flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
+        g.add_argument(flag, dest=f"knob_{name}", type=_knob_type(f), default=None,
+                       choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+
+
+def _given_knobs(args, method: str, *, strict: bool = True) -> dict[str, Any]:
+    """Knob flags given on the command line; ``strict=False`` keeps only those ``method`` has."""
+    from .methods import REGISTRY, knob_fields
+
+    given = {k[5:]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
+    if not strict and method in REGISTRY:
+        own = {f.name for f in knob_fields(REGISTRY[method].cls)}
+        given = {k: v for k, v in given.items() if k in own}
+    return given
+
+
+def _method_from_args(args, name: str | None = None, **overrides):
     from .methods import make_method
 
-    common = dict(layer=args.layer, budget=args.budget, budget_tokens=args.budget_tokens)
-    if args.method == "ivc":
-        return make_method("ivc", **common, ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
-                           foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic,
-                           ablation=args.ablation)
-    if args.method == "random":
-        return make_method("random", **common, seed=args.random_seed)
-    return None
+    name = name or args.method
+    knobs = {**_given_knobs(args, name, strict=name == args.method), **overrides}
+    try:
+        return make_method(name, **knobs)
+    except TypeError as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
 
 
 def _load(args, local_rank: int | None = None):
@@ -137,11 +160,8 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import bench_markdown, run_bench, save_bench
-    from .methods import IVCPrune
 
-    method = _method_from_args(args) if args.method != "none" else None
-    if method is None:
-        method = IVCPrune()
+    method = _method_from_args(args, "ivc" if args.method == "none" else args.method)
     args.model = _resolve_model_spec(args.model)
     model, processor = _load(args)
     result = run_bench(model, processor, method, image_tokens=args.image_tokens, new_tokens=args.new_tokens,
@@ -179,15 +199,18 @@ def cmd_eval(args) -> int:
     from .evals.runner import init_distributed, run_resumable
     from .evals.tasks import authors_pixels, predict_sample
     from .grounding import evaluate as ev
+    from .methods import method_label, method_names
 
     spec, args.model = args.model, _resolve_model_spec(args.model)
     methods = args.methods.split(",") if args.methods else [args.method]
-    budgets = _float_list(args.budgets) if args.budgets else [args.budget]
-    layers = _int_list(args.layers) if args.layers else [args.layer]
+    budgets = _float_list(args.budgets) if args.budgets else [args.knob_budget]
+    layers = _int_list(args.layers) if args.layers else [args.knob_layer]
     runs = ev.grid(methods, budgets, layers)
-    knobs = dict(ivc_ratio=args.ivc_ratio, seed_ratio=args.seed_ratio, rule=args.rule,
-                 foreground_ratio=args.foreground_ratio, ivc_statistic=args.ivc_statistic, seed=args.random_seed)
-    built = [(name, m, b, k, ev.make_eval_method(m, b, k, **knobs)) for name, m, b, k in runs]  # bad knobs fail here
+    for m in methods:
+        if m not in method_names():
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(method_names())}")
+    # each method takes the knobs it has (bad values fail here, before the model loads)
+    built = [(name, m, b, k, _method_from_args(args, m, budget=b, layer=k)) for name, m, b, k in runs]
     benches, missing = [], []
     try:
         names = expand_data(args.data)
@@ -232,7 +255,7 @@ def cmd_eval(args) -> int:
                 prompt = ev.grounding_prompt(family)
             info = {"name": name, "model": spec, "model_path": args.model, "data": args.data if len(benches) == 1
                     else bench.name, "benchmark": bench.name, "source": bench.source, "task": bench.task,
-                    "method": m, "label": ev.METHOD_LABELS[m],
+                    "method": m, "label": method_label(m),
                     "budget": resolved.get("budget") if method else None,
                     "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                     "prompt": prompt, "max_new_tokens": args.max_new_tokens,
@@ -379,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="benchmarks (grounding, multiple choice, yes/no), pruned and unpruned; "
                                     "resumable, data-parallel under torchrun")
     _add_model_args(e)
-    _add_method_args(e, default="none", choices=("none", "ivc", "random", "ivc_only", "no_ivc", "no_foreground"))
+    _add_method_args(e, default="none")
     e.add_argument("--data", required=True,
                    help="comma list of: 'synthetic', a VLMEvalKit TSV, an lmms-lab RefCOCO parquet file or folder, "
                         "or a benchmark name (MMBench_DEV_EN_V11, SEEDBench_IMG, MMStar, RealWorldQA, MME, POPE, "
@@ -407,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grounding TSV boxes in original pixels, or the authors' Qwen2.5-VL variant (sides rounded "
                         "to 28)")
     e.add_argument("--methods", default=None,
-                   help="comparison: comma list of none,ivc,random,ivc_only,no_ivc,no_foreground")
+                   help="comparison: comma list of method names (none for the unpruned model)")
     e.add_argument("--budgets", default=None, help="comparison: comma list of budgets")
     e.add_argument("--layers", default=None, help="comparison: comma list of K")
     e.add_argument("--style", default=None, choices=["qwen2_5_vl", "qwen2_vl"],

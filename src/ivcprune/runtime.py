@@ -1,44 +1,68 @@
-"""Applies a method's selection at layer K of a stock transformers model, with hooks only.
+"""Applies any method's selection at layer K of a stock transformers model, with hooks only; batch first.
 
 During a prefill that holds visual tokens:
 
-* the rotary module's position ids and (if the method asks for them) the value projection of layer
-  K-1 are captured on their way through;
-* just before layer K the method selects, per visual span, the tokens to keep; hidden states are cut
-  to the kept tokens, and every later layer receives rotary cos/sin, attention mask and position ids
-  cut the same way (so kept tokens keep their original rotations, i.e. their original positions);
-* the KV cache of layers 0..K-1, already filled with every token, is cut to the kept tokens, so from
-  then on no layer holds a pruned token.
+* the rotary module's position ids and whatever the method declared it needs (:class:`Needs`: the value
+  projection of layer K-1, the hidden states entering layer K) are captured on their way through;
+* just before layer K the method selects, per visual span of every batch row, the tokens to keep; the
+  batch is cut to them (:mod:`ivcprune.cut`: rows keep different counts, so the cut batch is left-padded
+  again), and every later layer receives rotary cos/sin, attention mask and position ids cut the same way
+  (kept tokens keep their original rotations, i.e. their original positions);
+* the KV cache of layers 0..K-1, already filled with every token, is cut to the kept tokens, so from then
+  on no layer holds a pruned token.
 
-Decode steps need no cutting. ``generate`` tracks position ids itself, so new tokens get the positions
-they would have unpruned; for hand-written decode loops that pass no position ids (or pass a 2-D
-attention mask over the unpruned length) the runtime supplies / cuts them from what it recorded about
-the cache.
+Every row is handled in its own coordinates (the positions of its real, non-padding tokens), so a row's
+selection and report are the ones it gets alone. Decode steps need no cutting: ``generate`` tracks position
+ids itself; the runtime only swaps the 2-D attention mask over the unpruned length for the one over the
+cut cache (and supplies position ids to hand-written loops that pass none).
+
+The runtime imports no method: a method is any object with ``name``, ``needs(config)`` and
+``select(span, config)``. Reports are kept per thread, so two threads running generate (on two models, or
+on one) never see each other's reports.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import cut
 from .adapters import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
 
-if TYPE_CHECKING:
-    from .methods import PruningMethod
-
 
 class BatchSizeError(ValueError):
-    """Pruning runs on one prompt at a time."""
+    """A generation mode the runtime cannot prune (beam search)."""
 
 
 class UnsupportedCacheError(ValueError):
     """The KV cache type cannot be cut."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads to select; the runtime captures exactly this and nothing else."""
+
+    values: bool = False  # value vectors of layer K-1 (v_proj of its input-normed hidden states), per KV head
+    hidden: bool = False  # hidden states entering layer K
+
+
+@dataclass
+class RowInput:
+    """One batch row as a method sees it, in the row's own coordinates (its real tokens, in order)."""
+
+    row: int
+    length: int  # real tokens of this forward's chunk in the row
+    past: int  # real tokens of the row already in the cache before this chunk
+    visual: torch.Tensor  # (length,) bool, CPU: tokens inside any visual span
+    values: torch.Tensor | None  # (H, length, d) value vectors of layer K-1, if needed
+    hidden: torch.Tensor | None  # (length, D) hidden states entering layer K, if needed
 
 
 @dataclass
@@ -47,14 +71,31 @@ class SpanInput:
 
     index: int
     kind: str
-    start: int  # prompt position of the first token
+    start: int  # prompt position of the first token (row coordinates, past included)
     length: int
     grid: tuple[int, int, int] | None
     positions: torch.Tensor  # (A, L) rotary position ids, on the CPU
     rope: Any  # adapters.RopeInfo
-    visual_values: torch.Tensor | None  # (H, L, d), value vectors of layer K-1
-    query_values: torch.Tensor | None  # (H, Q, d)
-    query_positions: torch.Tensor  # (Q,) prompt positions of the text queries
+    row: RowInput
+
+    @property
+    def local_start(self) -> int:
+        """Index of the span's first token in this chunk of the row."""
+        return self.start - self.row.past
+
+    @property
+    def visual_values(self) -> torch.Tensor | None:
+        v = self.row.values
+        return None if v is None else v[:, self.local_start : self.local_start + self.length]
+
+    def text_after(self, offset: int) -> torch.Tensor:
+        """Chunk indices of the row's text tokens from ``offset`` tokens after the span's end (other visual
+        spans excluded); the last text token when there are none."""
+        idx = torch.arange(self.local_start + self.length + offset, self.row.length)
+        idx = idx[~self.row.visual[idx]]
+        if idx.numel() == 0:
+            idx = (~self.row.visual).nonzero().squeeze(1)[-1:]
+        return idx
 
 
 @dataclass
@@ -65,22 +106,36 @@ class SpanSelection:
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class Method(Protocol):
+    name: str
+
+    def needs(self, config: dict[str, Any]) -> Needs: ...
+
+    def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection: ...
+
+
 @dataclass
 class _CacheRecord:
-    keep_mask: torch.Tensor  # bool over the unpruned positions seen up to the end of the prefill
-    removed: int
+    valid: torch.Tensor  # (B, T) validity of the cut cache's slots right after the prefill
+    unpruned_len: int  # length of 2-D attention masks over the unpruned prompt (padding included)
+    real_len: torch.Tensor  # (B,) real tokens per row in the unpruned prompt
 
 
 @dataclass
 class _Forward:
-    spans: list[Span]
+    spans: list[list[Span]]  # per row, in row-chunk coordinates
+    real: list[torch.Tensor]  # per row, chunk indices of its real tokens (CPU)
+    real_past: list[int]
     past: int
     q_len: int
+    past_valid: torch.Tensor | None  # (B, past) from a 2-D mask over the cache + chunk, if given
     positions: torch.Tensor | None = None
     values: torch.Tensor | None = None
-    keep: torch.Tensor | None = None  # kept indices of this chunk, None = nothing cut
-    keep_mask: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # (B, M) gather index over the chunk; None = nothing cut
+    valid: torch.Tensor | None = None  # (B, M)
     cache: Cache | None = None
+    dtype: torch.dtype = torch.float32  # of the hidden states (eager masks are in it)
+    device: torch.device | None = None
     memo: dict = field(default_factory=dict)
 
 
@@ -91,25 +146,30 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str):
 
 
 class Pruner:
-    """Hooks of one method on one model; :meth:`remove` takes them all off again."""
+    """Hooks of one method on one model; :meth:`remove` takes them all off again.
 
-    def __init__(self, method: PruningMethod, model: torch.nn.Module):
+    ``on_reports(reports)`` is called in the forwarding thread after each prefill, one report per row."""
+
+    def __init__(self, method: Method, model: torch.nn.Module, config: dict[str, Any], on_reports):
         if getattr(model, "_ivcprune_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model; remove it first")
         self.method = method
         self.model = model
         self.adapter: Adapter = get_adapter(model)
-        self.config = method.resolve(self.adapter)
-        self.layer: int = self.config["layer"]
-        self._state: _Forward | None = None
+        self.config = config
+        self.layer: int = config["layer"]
+        self.needs: Needs = method.needs(config)
+        self._on_reports = on_reports
+        self._local = threading.local()
         self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         a = self.adapter
         self._handles = [
             a.entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True),
             a.entry.register_forward_hook(self._entry_post, with_kwargs=True),
             a.rotary.register_forward_pre_hook(self._rotary_pre, with_kwargs=True),
         ]
-        if method.needs_values:
+        if self.needs.values:
             self._handles.append(a.value_module(self.layer - 1).register_forward_hook(self._value_post))
         for idx in range(self.layer, a.num_layers):
             self._handles.append(a.layers[idx].register_forward_pre_hook(self._layer_pre(idx), with_kwargs=True))
@@ -119,9 +179,16 @@ class Pruner:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._state = None
         if getattr(self.model, "_ivcprune_pruner", None) is self:
             self.model._ivcprune_pruner = None
+
+    @property
+    def _state(self) -> _Forward | None:
+        return getattr(self._local, "state", None)
+
+    @_state.setter
+    def _state(self, value: _Forward | None) -> None:
+        self._local.state = value
 
     # -- forward entry / exit --------------------------------------------------------------------
     def _entry_pre(self, module, args, kwargs):
@@ -131,18 +198,14 @@ class Pruner:
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             return None
-        if ref.shape[0] != 1:
-            raise BatchSizeError(
-                f"{self.method.name} prunes one prompt at a time (batch size 1), got batch size {ref.shape[0]}; "
-                "loop over prompts, and use num_beams=1 / num_return_sequences=1"
-            )
+        B, q_len = ref.shape[0], ref.shape[1]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        q_len = ref.shape[1]
-        record = self._records.get(cache) if cache is not None else None
-        if record is not None and past == 0:
-            del self._records[cache]  # the cache was reset: a new conversation
-            record = None
+        with self._lock:
+            record = self._records.get(cache) if cache is not None else None
+            if record is not None and past == 0:
+                del self._records[cache]  # the cache was reset: a new conversation
+                record = None
         if record is not None:
             if q_len != 1:
                 raise RuntimeError(
@@ -154,53 +217,70 @@ class Pruner:
         # Past tokens without a pruning record: a decode step (or text continuation) on an unpruned cache,
         # which must not overwrite the report of the last prefill.
         fresh = past == 0
+        mask = kwargs.get("attention_mask")
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        chunk_mask = mask2d[:, -q_len:].bool().cpu() if mask2d is not None else torch.ones(B, q_len, dtype=torch.bool)
+        real = [chunk_mask[b].nonzero().squeeze(1) for b in range(B)]
         if input_ids is None:
             if fresh:
-                self._set_noop(q_len, "inputs_embeds without input_ids: visual spans cannot be located")
+                self._set_noop([len(r) for r in real], "inputs_embeds without input_ids: visual spans cannot be located")
             return None
-        spans = self.adapter.find_spans(input_ids[0], kwargs)
-        if not spans:
+        grids = self.adapter.grid_queues(kwargs)
+        ids = input_ids.cpu()
+        spans = [self.adapter.find_spans(ids[b, real[b]], grids) for b in range(B)]
+        if not any(spans):
             if fresh:
-                self._set_noop(q_len, "no image or video tokens in the prompt")
+                self._set_noop([len(r) for r in real], "no image or video tokens in the prompt")
             return None
         _check_cache(cache)
-        self._state = _Forward(spans=spans, past=past, q_len=q_len)
+        past_valid = None
+        if past and mask2d is not None and mask2d.shape[1] == past + q_len:
+            past_valid = mask2d[:, :past].bool().cpu()
+        real_past = [int(past_valid[b].sum()) if past_valid is not None else past for b in range(B)]
+        self._state = _Forward(spans=spans, real=real, real_past=real_past, past=past, q_len=q_len,
+                               past_valid=past_valid)
         return None
 
     def _entry_post(self, module, args, kwargs, output):
         st, self._state = self._state, None
-        if st is None or st.keep is None or st.cache is None:
+        if st is None or st.index is None or st.cache is None:
             return None
-        keep_mask = torch.cat([torch.ones(st.past, dtype=torch.bool), st.keep_mask.cpu()])
-        self._records[st.cache] = _CacheRecord(keep_mask=keep_mask, removed=int(st.q_len - st.keep.numel()))
+        past_valid = st.past_valid if st.past_valid is not None else torch.ones(len(st.real), st.past, dtype=torch.bool)
+        valid = torch.cat([past_valid, st.valid], dim=1)
+        real_len = torch.tensor([p + len(r) for p, r in zip(st.real_past, st.real)])
+        with self._lock:
+            self._records[st.cache] = _CacheRecord(valid=valid, unpruned_len=st.past + st.q_len, real_len=real_len)
         return None
 
     def _decode_kwargs(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
-        unpruned_past = past + record.removed
+        B = record.valid.shape[0]
         if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = self.adapter.decode_position_ids(unpruned_past, q_len, device)
+            generated = past - record.valid.shape[1]  # tokens fed after the prefill
+            kwargs["position_ids"] = self.adapter.decode_position_ids(record.real_len + generated, q_len, device)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() in (2, 4):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             n = mask.shape[-1]
-            if n == unpruned_past + q_len:
-                extra = torch.ones(n - record.keep_mask.numel(), dtype=torch.bool)
-                cols = torch.cat([record.keep_mask, extra]).nonzero().squeeze(1).to(mask.device)
-                kwargs["attention_mask"] = mask.index_select(-1, cols)
-            elif n != past + q_len:
+            if n == past + q_len:
+                return kwargs  # already over the cut cache
+            extra = n - record.unpruned_len  # generated tokens, this step's included
+            if extra < q_len or mask.shape[0] != B:
                 raise ValueError(
-                    f"attention_mask covers {n} tokens; expected {unpruned_past + q_len} (unpruned) or "
-                    f"{past + q_len} (the pruned cache plus new tokens)"
+                    f"attention_mask is {tuple(mask.shape)}; expected ({B}, {past + q_len}) over the pruned cache "
+                    f"or ({B}, {past - record.valid.shape[1] + record.unpruned_len + q_len}) over the unpruned prompt"
                 )
+            head = record.valid.to(device=mask.device, dtype=mask.dtype)
+            kwargs["attention_mask"] = torch.cat([head, mask[:, record.unpruned_len :]], dim=1)
+        elif isinstance(mask, torch.Tensor):
+            raise ValueError("a pruned cache needs a 2-D attention mask (or none) while decoding")
         return kwargs
 
-    def _set_noop(self, q_len: int, reason: str) -> None:
-        self.method.last_report = PruneReport(
-            method=self.method.name,
-            layer=self.layer,
-            seq_len=q_len,
-            kept=torch.arange(q_len),
-            config=dict(self.config),
-            reason=reason,
+    def _set_noop(self, lengths: list[int], reason: str) -> None:
+        self._on_reports(
+            [
+                PruneReport(method=self.method.name, layer=self.layer, seq_len=n, kept=torch.arange(n),
+                            config=dict(self.config), reason=reason)
+                for n in lengths
+            ]
         )
 
     # -- captures --------------------------------------------------------------------------------
@@ -226,21 +306,22 @@ class Pruner:
                 hidden = _arg(args, kwargs, 0, "hidden_states")
                 if hidden.shape[1] != st.q_len:
                     raise RuntimeError(f"layer {idx} got {hidden.shape[1]} tokens, expected {st.q_len}")
-                self._select(st)
-                if st.keep is None:
+                self._select(st, hidden)
+                if st.index is None:
                     self._state = None  # everything kept: run unmodified
                     return None
-                hidden = hidden.index_select(1, st.keep.to(hidden.device))
+                hidden = cut.gather_tokens(hidden, st.index, 1)
                 if "hidden_states" in kwargs:
                     kwargs["hidden_states"] = hidden
                 else:
                     args = (hidden, *args[1:])
                 st.cache = kwargs.get("past_key_values")
+                st.dtype, st.device = hidden.dtype, hidden.device
                 self._cut_cache(st)
-            if st.keep is None:
-                return None
-            for name in ("attention_mask", "position_embeddings", "position_ids"):
-                if name in kwargs and kwargs[name] is not None:
+            # rows keep different counts: the cut batch needs a padding mask even where the model passed none
+            kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"))
+            for name in ("position_embeddings", "position_ids"):
+                if kwargs.get(name) is not None:
                     kwargs[name] = self._cut(st, name, kwargs[name])
             return args, kwargs
 
@@ -251,115 +332,89 @@ class Pruner:
         hit = st.memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
-        keep = st.keep
         if name == "position_embeddings":
-            out = self.adapter.cut_position_embeddings(value, keep)
+            out = tuple(cut.gather_tokens(t, st.index, -2) for t in value)
         elif name == "position_ids":
-            # Only flash-attention reads these here, to detect packed sequences: hand it one contiguous
-            # run (the rotary cos/sin above carry the real, original positions).
-            out = value[..., :1] + torch.arange(keep.numel(), device=value.device)
+            # Only flash attention reads these here, to detect packed sequences: hand it one contiguous run
+            # per row (the rotary cos/sin above carry the real, original positions).
+            out = cut.contiguous_positions(st.valid.to(value.device), value[..., 0])
         else:
-            out = _cut_mask(value, keep, st.past)
+            out = self._cut_mask(st, value)
         st.memo[key] = (value, out)
         return out
 
-    def _select(self, st: _Forward) -> None:
+    def _cut_mask(self, st: _Forward, mask):
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise NotImplementedError(
+                f"attention masks of type {type(mask).__name__} (e.g. flex attention) are not supported; use "
+                "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
+            )
+        B = st.valid.shape[0]
+        past_valid = st.past_valid if st.past_valid is not None else torch.ones(B, st.past, dtype=torch.bool)
+        return cut.attention_mask(torch.cat([past_valid, st.valid], dim=1), st.valid.shape[1],
+                                  attn_implementation=self.adapter.attn_implementation, dtype=st.dtype,
+                                  device=mask.device if mask is not None else st.device)
+
+    def _select(self, st: _Forward, hidden: torch.Tensor) -> None:
         t0 = time.perf_counter()
         if st.positions is None:
             raise RuntimeError("rotary position ids were not captured before layer K")
-        S = st.q_len
         values = None
-        if self.method.needs_values:
+        if self.needs.values:
             if st.values is None:
                 raise RuntimeError(f"value vectors of layer {self.layer - 1} were not captured")
-            values = self.adapter.split_heads(st.values)  # (H, S, d)
-        device = st.positions.device
-        visual = torch.zeros(S, dtype=torch.bool, device=device)
-        for s in st.spans:
-            visual[s.start : s.start + s.length] = True
-        keep_mask = ~visual
-        offset = int(self.config.get("query_offset", 2))
+            values = self.adapter.split_heads(st.values)  # (B, H, S, d)
         rope = self.adapter.rope_info()
-        reports, notes = [], []
-        for i, s in enumerate(st.spans):
-            q_idx = torch.arange(s.start + s.length + offset, S, device=device)
-            q_idx = q_idx[~visual[q_idx]]
-            if q_idx.numel() == 0:
-                q_idx = (~visual).nonzero().squeeze(1)[-1:]
-                notes.append(f"{s.kind} {i}: no text after the span; the last text token is the query")
-            span_slice = slice(s.start, s.start + s.length)
-            # Index bookkeeping of a selection happens on the CPU (tiny tensors); values stay on the model's
-            # device for the similarity products.
-            positions = st.positions[:, span_slice].cpu()
-            inp = SpanInput(
-                index=i,
-                kind=s.kind,
-                start=st.past + s.start,
-                length=s.length,
-                grid=s.grid or self.adapter.span_grid(positions),
-                positions=positions,
-                rope=rope,
-                visual_values=values[:, span_slice] if values is not None else None,
-                query_values=values[:, q_idx.to(values.device)] if values is not None else None,
-                query_positions=st.past + q_idx,
+        keeps, reports = [], []
+        for b, spans in enumerate(st.spans):
+            real = st.real[b]
+            visual = torch.zeros(len(real), dtype=torch.bool)
+            for s in spans:
+                visual[s.start : s.start + s.length] = True
+            row = RowInput(
+                row=b, length=len(real), past=st.real_past[b], visual=visual,
+                values=values[b][:, real.to(values.device)] if values is not None else None,
+                hidden=hidden[b, real.to(hidden.device)] if self.needs.hidden else None,
             )
-            sel = self.method.select(inp, self.config)
-            kept = sel.kept.to(device)
-            keep_mask[s.start + kept] = True
-            reports.append(
-                SpanReport(
-                    index=i,
-                    kind=s.kind,
-                    start=inp.start,
-                    length=s.length,
-                    kept=int(kept.numel()),
-                    groups={k: (v.cpu() + inp.start) for k, v in sel.groups.items()},
-                    grid=inp.grid,
-                )
-            )
-        keep = keep_mask.nonzero().squeeze(1)
-        kept_abs = torch.cat([torch.arange(st.past), keep.cpu() + st.past])
-        self.method.last_report = PruneReport(
-            method=self.method.name,
-            layer=self.layer,
-            seq_len=st.past + S,
-            kept=kept_abs,
-            spans=reports,
-            config=dict(self.config),
-            reason="; ".join(notes) or None,
-            selection_ms=1000 * (time.perf_counter() - t0),
-        )
-        if keep.numel() < S:
-            st.keep, st.keep_mask = keep, keep_mask
+            positions = st.positions[:, b, real]
+            keep_mask = ~visual
+            span_reports = []
+            for i, s in enumerate(spans):
+                span_pos = positions[:, s.start : s.start + s.length]
+                inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
+                                grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
+                                row=row)
+                sel = self.method.select(inp, self.config)
+                kept = sel.kept.cpu()
+                keep_mask[s.start + kept] = True
+                span_reports.append(SpanReport(
+                    index=i, kind=s.kind, start=inp.start, length=s.length, kept=int(kept.numel()),
+                    groups={k: (v.cpu() + inp.start) for k, v in sel.groups.items()}, grid=inp.grid,
+                ))
+            keep = keep_mask.nonzero().squeeze(1)
+            keeps.append(real[keep])
+            reports.append(PruneReport(
+                method=self.method.name, layer=self.layer, seq_len=row.past + len(real),
+                kept=torch.cat([torch.arange(row.past), keep + row.past]), spans=span_reports,
+                config=dict(self.config),
+                reason=None if spans else "no image or video tokens in this row",
+            ))
+        ms = 1000 * (time.perf_counter() - t0)
+        for r in reports:
+            r.selection_ms = ms
+        self._on_reports(reports)
+        if any(len(k) < len(r) for k, r in zip(keeps, st.real)):  # else run unmodified
+            st.index, st.valid = cut.keep_index(keeps)
 
     def _cut_cache(self, st: _Forward) -> None:
         cache = st.cache
         if cache is None:
             return
         _check_cache(cache)
-        keep_kv = torch.cat([torch.arange(st.past, device=st.keep.device), st.keep + st.past])
+        index = cut.extend_index(st.index, st.past)
         for i in range(self.layer):
             layer = cache.layers[i]
-            idx = keep_kv.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, idx)
-            layer.values = layer.values.index_select(-2, idx)
-
-
-def _cut_mask(mask, keep: torch.Tensor, past: int):
-    if not isinstance(mask, torch.Tensor):
-        raise NotImplementedError(
-            f"attention masks of type {type(mask).__name__} (e.g. flex attention) are not supported; use "
-            "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
-        )
-    keep = keep.to(mask.device)
-    keep_kv = torch.cat([torch.arange(past, device=mask.device), keep + past])
-    if mask.dim() == 4:
-        if mask.shape[-2] > 1:
-            mask = mask.index_select(-2, keep)
-        return mask.index_select(-1, keep_kv)
-    if mask.dim() == 2:
-        return mask.index_select(-1, keep_kv)
-    raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
+            layer.keys, layer.values = cut.cut_cache(layer.keys, layer.values, index)
 
 
 def _check_cache(cache) -> None:

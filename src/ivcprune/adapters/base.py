@@ -54,12 +54,22 @@ class Adapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def attn_implementation(self) -> str | None:
+        return getattr(self.model.config, "_attn_implementation", None)
+
     # -- spans and positions -------------------------------------------------------------------
-    def find_spans(self, input_ids: torch.Tensor, entry_kwargs: dict) -> list[Span]:
+    def grid_queues(self, entry_kwargs: dict) -> dict[str, list]:
+        """Per media kind, the token grids of this forward's media in prompt order (all rows, row by row);
+        :meth:`find_spans` consumes them row after row. Empty where the inputs carry none."""
+        return {}
+
+    def find_spans(self, input_ids: torch.Tensor, grids: dict[str, list]) -> list[Span]:
+        """Visual spans of one row's real tokens (1-D ``input_ids``, padding removed)."""
         raise NotImplementedError
 
     def axes_positions(self, rotary_position_ids: torch.Tensor) -> torch.Tensor:
-        """``(A, S)`` position ids of batch row 0, from what the rotary module received."""
+        """``(A, B, S)`` position ids, from what the rotary module received (on the CPU)."""
         raise NotImplementedError
 
     def rope_info(self) -> RopeInfo:
@@ -69,8 +79,9 @@ class Adapter:
         """(t, h, w) token grid of a span from its ``(A, L)`` position ids, when they encode one."""
         return None
 
-    def decode_position_ids(self, unpruned_past: int, q_len: int, device: torch.device) -> torch.Tensor:
-        """Position ids for ``q_len`` new tokens after ``unpruned_past`` prompt+generated tokens."""
+    def decode_position_ids(self, start: torch.Tensor, q_len: int, device: torch.device) -> torch.Tensor:
+        """Position ids for ``q_len`` new tokens of each row, after ``start`` ``(B,)`` real prompt + generated
+        tokens of that row (what the row would get unpruned)."""
         raise NotImplementedError
 
     # -- values ---------------------------------------------------------------------------------
@@ -79,10 +90,6 @@ class Adapter:
         raise NotImplementedError
 
     def split_heads(self, value_out: torch.Tensor) -> torch.Tensor:
-        """``(1, S, H*d)`` value projection output -> ``(H, S, d)`` for batch row 0."""
-        return value_out[0].reshape(value_out.shape[1], self.num_kv_heads, self.head_dim).transpose(0, 1)
-
-    # -- per-layer tensors that carry the sequence dimension -----------------------------------
-    def cut_position_embeddings(self, pe, keep: torch.Tensor):
-        """Cut rotary (cos, sin) to the kept tokens (sequence is dim -2)."""
-        return tuple(t.index_select(-2, keep.to(t.device)) for t in pe)
+        """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""
+        B, S = value_out.shape[:2]
+        return value_out.reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)

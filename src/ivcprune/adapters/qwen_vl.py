@@ -36,12 +36,15 @@ class QwenVLAdapter(Adapter):
         self.video_token_id = self.config.video_token_id
         self.merge = self.config.vision_config.spatial_merge_size
 
-    def find_spans(self, input_ids: torch.Tensor, entry_kwargs: dict) -> list[Span]:
-        ids = input_ids.reshape(-1)
-        grids = {
+    def grid_queues(self, entry_kwargs: dict) -> dict[str, list]:
+        return {
             "image": _grid_rows(entry_kwargs.get("image_grid_thw"), self.merge),
             "video": _grid_rows(entry_kwargs.get("video_grid_thw"), self.merge),
         }
+
+    def find_spans(self, input_ids: torch.Tensor, grids: dict[str, list]) -> list[Span]:
+        ids = input_ids.reshape(-1)
+        grids = {kind: grids.setdefault(kind, []) for kind in ("image", "video")}
         spans: list[Span] = []
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
             for start, length in _runs(ids == token_id):
@@ -57,10 +60,10 @@ class QwenVLAdapter(Adapter):
         return sorted(spans, key=lambda s: s.start)
 
     def axes_positions(self, rotary_position_ids: torch.Tensor) -> torch.Tensor:
-        p = rotary_position_ids
+        p = rotary_position_ids.cpu()
         if p.dim() == 2:  # (bs, S): text-only positions, expanded to the three axes by the model
-            return p[0].unsqueeze(0).expand(3, -1)
-        return p[:, 0]  # (3, bs, S) -> (3, S)
+            return p.unsqueeze(0).expand(3, -1, -1)
+        return p  # (3, bs, S)
 
     def rope_info(self) -> RopeInfo:
         section = self.rotary.mrope_section
@@ -76,12 +79,12 @@ class QwenVLAdapter(Adapter):
         t, h, w = (int(torch.unique(positions[a]).numel()) for a in range(3))
         return (t, h, w) if t * h * w == positions.shape[1] else None
 
-    def decode_position_ids(self, unpruned_past: int, q_len: int, device: torch.device) -> torch.Tensor:
-        text = torch.arange(unpruned_past, unpruned_past + q_len, device=device).view(1, 1, -1)
+    def decode_position_ids(self, start: torch.Tensor, q_len: int, device: torch.device) -> torch.Tensor:
+        text = (start.view(-1, 1) + torch.arange(q_len)).to(device)  # (B, q)
         deltas = self.entry.rope_deltas
-        delta = deltas[:1].to(device).view(1, 1, 1) if deltas is not None else 0
-        mrope = (text + delta).expand(3, 1, -1)
-        return torch.cat([text, mrope], dim=0)  # [text; t; h; w] as generate builds them
+        delta = deltas.to(device).view(-1, 1) if deltas is not None else 0
+        mrope = (text + delta).unsqueeze(0).expand(3, -1, -1)
+        return torch.cat([text.unsqueeze(0), mrope], dim=0)  # [text; t; h; w] as generate builds them
 
     def value_module(self, layer_idx: int) -> nn.Module:
         return self.layers[layer_idx].self_attn.v_proj

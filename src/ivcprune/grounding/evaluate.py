@@ -112,34 +112,6 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # -- method grid (comparison mode) -----------------------------------------------------------------
-EVAL_METHODS = ("none", "ivc", "random", "ivc_only", "no_ivc", "no_foreground")
-METHOD_LABELS = {
-    "none": "unpruned",
-    "ivc": "IVC-Prune",
-    "random": "random",
-    "ivc_only": "IVC only",
-    "no_ivc": "foreground only",
-    "no_foreground": "IVC tokens alone",
-}
-
-
-def make_eval_method(name: str, budget: float | None, layer: int | None, **knobs) -> PruningMethod | None:
-    """Method for an eval name; ablations are IVC-Prune with ``ablation`` set."""
-    from ..methods import IVCPrune, RandomPrune
-
-    if name not in EVAL_METHODS:
-        raise ValueError(f"unknown eval method {name!r}; choose from {', '.join(EVAL_METHODS)}")
-    knobs = {k: v for k, v in knobs.items() if v is not None}
-    if name == "none":
-        return None
-    if name == "random":
-        return RandomPrune(layer=layer, budget=budget, seed=knobs.get("seed", 0))
-    knobs.pop("seed", None)
-    if name != "ivc":
-        knobs["ablation"] = name
-    return IVCPrune(layer=layer, budget=budget, **knobs)
-
-
 def grid(methods: list[str], budgets: list[float | None], layers: list[int | None]):
     """(run name, method, budget, layer) for every combination; the unpruned run once."""
     runs = []

@@ -56,12 +56,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ..adapters import get_adapter
 from ..inputs import build_inputs, user_message
-from ..methods import PruningMethod, make_method
+from ..methods import PruningMethod, make_method, method_names
 from ..models import load_model, resolve_model_spec
 
 MODEL_NAME = "ivcprune"
-METHOD_NAMES = ("ivc", "random", "none")
-IVC_KNOBS = ("ivc_ratio", "seed_ratio", "rule", "foreground_ratio", "ablation")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 # lmms-eval gives every generation task without `until` the few-shot delimiter as a stop string; chat
 # models answer in paragraphs, so (as lmms-eval's own Qwen-VL models do) it is not applied.
@@ -69,32 +67,11 @@ FEWSHOT_DELIMITER = "\n\n"
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-def build_method(
-    name: str,
-    *,
-    layer: int | None = None,
-    budget: float | None = None,
-    budget_tokens: int | None = None,
-    seed: int | None = None,
-    **ivc_knobs: Any,
-) -> PruningMethod | None:
-    """The pruning method of the model arguments; ``None`` for ``none``."""
-    if name not in METHOD_NAMES:
-        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}, got {name!r}")
-    unknown = set(ivc_knobs) - set(IVC_KNOBS)
-    if unknown:
-        raise TypeError(f"unknown IVC-Prune argument(s): {', '.join(sorted(unknown))}")
-    knobs = {k: v for k, v in ivc_knobs.items() if v is not None}
-    common = dict(layer=layer, budget=budget, budget_tokens=budget_tokens)
-    if name == "none":
-        return None
-    if name == "random":
-        if knobs:
-            raise ValueError(f"{', '.join(sorted(knobs))} only apply to method=ivc")
-        return make_method("random", **common, seed=seed)
-    if seed is not None:
-        raise ValueError("seed only applies to method=random")
-    return make_method("ivc", **common, **knobs)
+def build_method(name: str, **knobs: Any) -> PruningMethod | None:
+    """The pruning method of the model arguments (any registered method and its knobs); ``None`` for ``none``."""
+    if name not in method_names():
+        raise ValueError(f"method must be one of {', '.join(method_names())}, got {name!r}")
+    return make_method(name, **knobs)
 
 
 def generation_settings(
@@ -178,15 +155,6 @@ class IVCPruneLMM(lmms):
         self,
         pretrained: str | None = None,
         method: str = "ivc",
-        layer: int | None = None,
-        budget: float | None = None,
-        budget_tokens: int | None = None,
-        ivc_ratio: float | None = None,
-        seed_ratio: float | None = None,
-        rule: str | None = None,
-        foreground_ratio: float | None = None,
-        ablation: str | None = None,
-        seed: int | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
         device_map: str | None = None,
@@ -198,14 +166,9 @@ class IVCPruneLMM(lmms):
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         device: str | None = None,
-        **unknown: Any,
+        **knobs: Any,
     ) -> None:
         super().__init__()
-        if unknown:
-            raise TypeError(
-                f"unknown model argument(s) for {MODEL_NAME}: {', '.join(sorted(unknown))}; see "
-                "ivcprune.integrations.lmms_eval for the list"
-            )
         if pretrained is None:
             raise ValueError("--model_args pretrained=PATH is required (a local path, a hub id or toy)")
         if str(batch_size if batch_size is not None else 1) != "1":
@@ -223,18 +186,10 @@ class IVCPruneLMM(lmms):
         if spec.startswith("random:"):
             raise ValueError("random:NAME models have no processor; pass a checkpoint path, a hub id or toy")
 
-        self.method = build_method(
-            str(method),
-            layer=layer,
-            budget=budget,
-            budget_tokens=budget_tokens,
-            seed=seed,
-            ivc_ratio=ivc_ratio,
-            seed_ratio=seed_ratio,
-            rule=rule,
-            foreground_ratio=foreground_ratio,
-            ablation=ablation,
-        )
+        try:  # every other model argument is a knob of the method (layer, budget, ivc_ratio, seed, ...)
+            self.method = build_method(str(method), **knobs)
+        except TypeError as e:
+            raise TypeError(f"{MODEL_NAME}: {e}") from None
         if device_map is None:
             device_map = device or ("auto" if torch.cuda.is_available() else None)
         self._model, self.processor = load_model(

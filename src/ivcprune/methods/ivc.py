@@ -1,0 +1,191 @@
+"""IVC-Prune (ICLR 2026) and its per-family paper presets (see ``METHOD.md``)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import selection as sel
+from ..adapters import Adapter
+from ..runtime import Needs, SpanInput, SpanSelection
+from .base import PruningMethod, check_choice, check_ratio, paper_layer
+
+RULES = ("fill", "union")
+ABLATIONS = (None, "no_ivc", "no_foreground", "ivc_only")
+DOMAINS = ("span", "sequence")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Default knobs of IVC-Prune for one model family (the authors' released settings)."""
+
+    family: str
+    layer: int
+    rule: str  # "fill" (budget) or "union"
+    budget: float
+    ivc_ratio: float
+    seed_ratio: float
+    foreground_ratio: float  # union rule only
+    softmax_domain: str  # "span" or "sequence"
+    min_one_seed: bool
+    note: str
+
+
+_PRESETS = {
+    "qwen2_5_vl": dict(
+        family="Qwen2.5-VL", rule="fill", softmax_domain="span", min_one_seed=True,
+        note="K=16 of 28 (7B) / 22 of 36 (3B); IVC 10% cos + 10% sin, seeds 1% (at least 1), fill to 50% by "
+             "foreground; similarity softmax over the span",
+    ),
+    "qwen2_vl": dict(
+        family="Qwen2-VL", rule="union", softmax_domain="sequence", min_one_seed=False,
+        note="K=16 of 28; keep IVC 10% cos + 10% sin, seeds 1% (no minimum) and top 40% foreground (union); "
+             "similarity softmax over the whole sequence, sliced to the span",
+    ),
+}
+
+
+def preset_for(model_type: str, num_layers: int) -> Preset:
+    """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers."""
+    if model_type not in _PRESETS:
+        raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(_PRESETS)}")
+    return Preset(layer=paper_layer(model_type, num_layers), budget=0.5, ivc_ratio=0.10, seed_ratio=0.01,
+                  foreground_ratio=0.40, **_PRESETS[model_type])
+
+
+@dataclass(repr=False, eq=False)
+class IVCPrune(PruningMethod):
+    """IVC-Prune: keep implicit-visual-coordinate tokens and prompt-aware foreground tokens.
+
+    Every knob left ``None`` takes the model's paper preset (:func:`preset_for`).
+
+    Args:
+        layer, budget, budget_tokens: see :class:`PruningMethod`. The ``"union"`` rule of the Qwen2-VL
+            preset sizes itself (pass ``rule="fill"`` there to keep a fixed fraction); under every rule, a
+            budget that allows all of a span's tokens (``budget=1.0``) keeps them all.
+        ivc_ratio: fraction of the span taken by cos (real-axis) score, and again by sin score.
+        seed_ratio: fraction of the span taken as semantic seeds.
+        min_one_seed: at least one seed (Qwen2.5-VL's release) or ``round(seed_ratio * L)`` (Qwen2-VL's).
+        rule: ``"fill"``: IVC tokens and seeds, then the best foreground tokens up to the budget;
+            ``"union"``: IVC tokens, seeds and the top ``foreground_ratio`` foreground tokens.
+        foreground_ratio: foreground share of the ``"union"`` rule.
+        softmax_domain: similarity softmax over the span's tokens (``"span"``) or over the whole prompt,
+            sliced to the span (``"sequence"``).
+        ivc_statistic: ``"authors"`` (cos/sin averaged over the three M-RoPE axes and all frequencies,
+            as the reference code) or ``"applied"`` (the rotation M-RoPE actually applies).
+        numerics: ``"ours"`` (float64 IVC statistic, float32 similarities) or ``"authors"`` (the release's
+            bf16 arithmetic, which reproduces its selections to the token).
+        ablation: ``None`` (the method); ``"no_ivc"``: seeds then foreground up to the budget;
+            ``"no_foreground"``: the IVC tokens alone (no seeds, no fill, so fewer tokens than the
+            budget); ``"ivc_only"``: the whole budget from the cos and sin rankings, alternately.
+        query_offset: text queries start this many tokens after a span's end (2 skips the vision-end
+            marker and the token after it, as the reference code).
+    """
+
+    name = "ivc"
+    label = "IVC-Prune"
+
+    ivc_ratio: float | None = None
+    seed_ratio: float | None = None
+    min_one_seed: bool | None = None
+    rule: str | None = field(default=None, metadata={"choices": RULES})
+    foreground_ratio: float | None = None
+    softmax_domain: str | None = field(default=None, metadata={"choices": DOMAINS})
+    ivc_statistic: str = field(default="authors", metadata={"choices": sel.IVC_STATISTICS})
+    numerics: str = field(default="ours", metadata={"choices": getattr(sel, "NUMERICS", ("ours",))})
+    ablation: str | None = field(default=None, metadata={"choices": ABLATIONS[1:]})
+    query_offset: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio("ivc_ratio", self.ivc_ratio, allow_zero=True)
+        check_ratio("seed_ratio", self.seed_ratio, allow_zero=True)
+        check_ratio("foreground_ratio", self.foreground_ratio, allow_zero=True)
+        if self.rule is not None:
+            check_choice("rule", self.rule, RULES)
+        if self.softmax_domain is not None:
+            check_choice("softmax_domain", self.softmax_domain, DOMAINS)
+        check_choice("ivc_statistic", self.ivc_statistic, sel.IVC_STATISTICS)
+        check_choice("numerics", self.numerics, getattr(sel, "NUMERICS", ("ours",)))
+        check_choice("ablation", self.ablation, ABLATIONS)
+        if isinstance(self.query_offset, bool) or not isinstance(self.query_offset, int) or self.query_offset < 0:
+            raise ValueError(f"query_offset must be a non-negative int, got {self.query_offset!r}")
+
+    def needs(self, config: dict[str, Any]) -> Needs:
+        # the IVC-only ablations never look at value vectors
+        return Needs(values=config["ablation"] not in ("no_foreground", "ivc_only"))
+
+    def default_layer(self, adapter: Adapter) -> int:
+        return preset_for(adapter.model_type, adapter.num_layers).layer
+
+    def resolve(self, adapter: Adapter) -> dict[str, Any]:
+        cfg = super().resolve(adapter)
+        preset = preset_for(adapter.model_type, adapter.num_layers)
+        rule = self.rule or preset.rule
+        if rule == "union" and ((self.budget is not None and self.budget < 1) or self.budget_tokens is not None):
+            warnings.warn(
+                f"the {preset.family} preset uses the union rule, which has no budget: budget is ignored; "
+                "pass rule='fill' to keep a fixed fraction of each image",
+                stacklevel=4,
+            )
+        for knob in ("ivc_ratio", "seed_ratio", "min_one_seed", "foreground_ratio", "softmax_domain"):
+            if cfg[knob] is None:
+                cfg[knob] = getattr(preset, knob)
+        cfg.update(rule=rule, preset=preset.family)
+        return cfg
+
+    def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:
+        L = span.length
+        ablation = config["ablation"]
+        target = self.target_count(L, config)
+        if target >= L:  # nothing to prune
+            return SpanSelection(torch.arange(L), {})
+        groups: dict[str, torch.Tensor] = {}
+        priority: list[torch.Tensor] = []
+
+        if ablation != "no_ivc":
+            rope = span.rope
+            cos_s, sin_s = sel.ivc_scores(
+                span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
+                statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, **_numerics(config),
+            )
+            if ablation == "ivc_only":
+                ranked = [sel.stable_topk(s, L) for s in (cos_s, sin_s)]
+                groups["ivc_cos"], groups["ivc_sin"] = sel.interleave_rankings(ranked, target)
+                return SpanSelection(torch.cat(list(groups.values())).sort().values, groups)
+            n_ivc = sel.ratio_count(config["ivc_ratio"], L)
+            groups["ivc_cos"] = sel.stable_topk(cos_s, n_ivc)
+            groups["ivc_sin"] = sel.stable_topk(sin_s, n_ivc)
+            priority += [groups["ivc_cos"], groups["ivc_sin"]]
+            if ablation == "no_foreground":
+                return SpanSelection(torch.unique(torch.cat(priority)), groups)
+
+        n_seed = sel.ratio_count(config["seed_ratio"], L)
+        if config["min_one_seed"]:
+            n_seed = max(1, n_seed)
+        fg, seeds = self._foreground(span, config, n_seed)
+        groups["seed"] = seeds.cpu()
+        priority.append(groups["seed"])
+        fg = fg.cpu()
+        if config["rule"] == "union":
+            fg_count = sel.ratio_count(config["foreground_ratio"], L)
+            kept, groups["foreground"] = sel.union_rule(L, priority, fg, fg_count)
+        else:
+            kept, groups["foreground"] = sel.fill_to_budget(L, priority, fg, target)
+        return SpanSelection(kept, groups)
+
+    def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int):
+        row = span.row
+        queries = span.text_after(config["query_offset"])
+        values = row.values
+        kwargs: dict[str, Any] = _numerics(config)
+        if config["softmax_domain"] == "sequence":
+            kwargs.update(sequence_values=values, span_start=span.local_start)
+        return sel.foreground_scores(span.visual_values, values[:, queries.to(values.device)], n_seed, **kwargs)
+
+
+def _numerics(config):  # TEMP until selection grows the keyword
+    return {} if config["numerics"] == "ours" else {"numerics": config["numerics"]}

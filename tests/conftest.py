@@ -53,6 +53,36 @@ def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9
     return out
 
 
+def batch_inputs(rows: list[dict]) -> dict:
+    """Single-row inputs stacked into one left-padded batch, as a processor pads them (``padding_side="left"``);
+    media tensors concatenated in row order."""
+    width = max(r["input_ids"].shape[1] for r in rows)
+
+    def left_pad(t, value):
+        return torch.cat([torch.full((1, width - t.shape[1]), value, dtype=t.dtype), t], dim=1)
+
+    out = {
+        "input_ids": torch.cat([left_pad(r["input_ids"], TOKEN_IDS["pad_token_id"]) for r in rows]),
+        "attention_mask": torch.cat([left_pad(r["attention_mask"], 0) for r in rows]),
+        "mm_token_type_ids": torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows]),
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [r[key] for r in rows if key in r]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def mixed_rows(model) -> list[dict]:
+    """Prompts of different lengths: one image, no image, two images of different sizes, a video."""
+    return [
+        make_inputs(model, media=(("image", 1, 12, 16),), seed=1),
+        make_inputs(model, media=(), text_before=5, text_after=7, seed=2),
+        make_inputs(model, media=(("image", 1, 8, 8), ("image", 1, 4, 8)), text_before=3, seed=3),
+        make_inputs(model, media=(("video", 2, 8, 8),), text_after=4, seed=4),
+    ]
+
+
 @pytest.fixture(scope="session")
 def qwen25():
     return make_model("qwen2_5_vl")

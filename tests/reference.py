@@ -67,8 +67,14 @@ def _round_half_even(x: float) -> int:
 
 
 def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ratio=0.01, rule="fill",
-                        fg_ratio=0.4, query_offset=2):
-    """Per span: dict(ivc_cos=set, ivc_sin=set, seed=set, kept=set) of prompt positions."""
+                        fg_ratio=0.4, query_offset=2, softmax_domain="span", min_one_seed=True):
+    """Per span: dict(ivc_cos=set, ivc_sin=set, seed=set, kept=set) of prompt positions.
+
+    ``softmax_domain``: the similarity softmax runs over the span's tokens (``"span"``) or over every
+    token of the prompt, then only the span's columns are kept (``"sequence"``). ``min_one_seed``: at
+    least one seed (``max(1, round(seed_ratio * L))``), else ``round(seed_ratio * L)``, possibly 0."""
+    if softmax_domain not in ("span", "sequence"):
+        raise ValueError(f"softmax_domain must be 'span' or 'sequence', got {softmax_domain!r}")
     cfg = model.config
     text = cfg.get_text_config()
     with torch.no_grad():
@@ -106,20 +112,26 @@ def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ra
         ivc_sin = _rank(sin_s)[:n_ivc]
         queries = [q for q in range(s + L + query_offset, len(ids)) if not visual[q]]
 
+        # the softmax runs over these prompt positions; the row keeps the span's columns only
+        domain = range(s, s + L) if softmax_domain == "span" else range(len(ids))
+        first = domain.index(s)
+
         def row(qvec):
             out_row = [0.0] * L
             for h in range(H):
-                logits = [float(qvec[h] @ v[s + k, h]) / math.sqrt(head_dim) for k in range(L)]
+                logits = [float(qvec[h] @ v[t, h]) / math.sqrt(head_dim) for t in domain]
                 m = max(logits)
                 ex = [math.exp(x - m) for x in logits]
                 z = math.fsum(ex)
                 for k in range(L):
-                    out_row[k] += ex[k] / z / H
+                    out_row[k] += ex[first + k] / z / H
             return out_row
 
         text_rows = [row(v[q]) for q in queries]
         stage1 = [math.fsum(r[k] for r in text_rows) / len(text_rows) for k in range(L)]
-        n_seed = max(1, _round_half_even(seed_ratio * L))
+        n_seed = _round_half_even(seed_ratio * L)
+        if min_one_seed:
+            n_seed = max(1, n_seed)
         seeds = _rank(stage1)[:n_seed]
         rows = text_rows + [row(v[s + k]) for k in seeds]
         fg = [math.fsum(r[k] for r in rows) / len(rows) for k in range(L)]

@@ -8,7 +8,6 @@ import torch
 from conftest import make_inputs
 
 from ivcprune import (
-    BatchSizeError,
     IVCPrune,
     RandomPrune,
     UnsupportedCacheError,
@@ -64,17 +63,6 @@ def test_unsupported_model():
         IVCPrune(layer=1)(llama)
     with pytest.raises(UnsupportedModelError):
         IVCPrune(layer=1).apply(torch.nn.Linear(2, 2))
-
-
-def test_batch_size_above_one(qwen25):
-    inputs = make_inputs(qwen25)
-    batch = {k: torch.cat([v, v]) for k, v in inputs.items()}
-    with IVCPrune(layer=2)(qwen25), pytest.raises(BatchSizeError, match="batch size 2"):
-        qwen25(**batch)
-    with IVCPrune(layer=2)(qwen25), pytest.raises(BatchSizeError):
-        qwen25.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
-    # the model still works afterwards, hooks are gone
-    assert qwen25(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
 def test_applying_twice(qwen25):

@@ -102,6 +102,121 @@ def test_foreground_scores_brute_force():
         sel.foreground_scores(vis, qry[:, :0], 1)
 
 
+def _manual_sequence_rows(q, seq, start, length):
+    """Softmax over all S tokens of the sequence, per head, averaged over heads, sliced to the span."""
+    H, Q, d = q.shape
+    S = seq.shape[1]
+    rows = torch.zeros(Q, length, dtype=torch.float64)
+    for h in range(H):
+        for a in range(Q):
+            logits = [float(q[h, a] @ seq[h, t]) / math.sqrt(d) for t in range(S)]
+            m = max(logits)
+            ex = [math.exp(x - m) for x in logits]
+            z = math.fsum(ex)
+            for k in range(length):
+                rows[a, k] += ex[start + k] / z / H
+    return rows
+
+
+def test_similarity_rows_sequence_domain_is_sliced_full_softmax():
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randn(2, 23, 8, generator=g, dtype=torch.float64)
+    q = seq[:, 18:21]
+    rows = sel.similarity_rows(q, seq, span=(5, 9))
+    assert rows.shape == (3, 9)
+    torch.testing.assert_close(rows.double(), _manual_sequence_rows(q, seq, 5, 9), atol=1e-6, rtol=1e-5)
+    # slicing keeps the sequence-wide normalisation: a row sums to less than one over the span
+    assert (rows.sum(1) < 1 - 1e-3).all()
+    # without span, all columns; the span columns of that are the sliced rows
+    full = sel.similarity_rows(q, seq)
+    assert full.shape == (3, 23)
+    torch.testing.assert_close(full[:, 5:14], rows)
+    with pytest.raises(ValueError):
+        sel.similarity_rows(q, seq, span=(20, 9))
+
+
+def test_foreground_scores_sequence_domain_brute_force():
+    g = torch.Generator().manual_seed(2)
+    S, start, L = 40, 6, 24
+    seq = torch.randn(2, S, 8, generator=g, dtype=torch.float64)
+    vis, qry = seq[:, start : start + L], seq[:, start + L + 2 :]  # queries from two after the span
+    scores, seeds = sel.foreground_scores(vis, qry, 3, sequence_values=seq, span_start=start)
+    text = _manual_sequence_rows(qry, seq, start, L)
+    stage1 = text.mean(0)
+    exp_seeds = sorted(range(L), key=lambda i: (-stage1[i].item(), i))[:3]
+    assert seeds.tolist() == exp_seeds
+    # seed rows: the seeds as queries, their softmax over the whole sequence too
+    rows = torch.cat([text, _manual_sequence_rows(vis[:, exp_seeds], seq, start, L)])
+    torch.testing.assert_close(scores.double(), rows.mean(0), atol=1e-6, rtol=1e-5)
+    # it is not the span softmax
+    span_scores, _ = sel.foreground_scores(vis, qry, 3)
+    assert not torch.allclose(span_scores, scores, atol=1e-4)
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, qry, 3, sequence_values=seq)  # span_start missing
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, qry, 3, span_start=start)  # span_start without the sequence
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, qry, 3, sequence_values=seq, span_start=S - L + 1)  # span past the end
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, qry, 3, sequence_values=seq[:1], span_start=start)  # head count
+
+
+@pytest.mark.parametrize("domain", ["span", "sequence"])
+def test_zero_seeds_gives_text_rows_only(domain):
+    g = torch.Generator().manual_seed(3)
+    S, start, L = 30, 4, 20
+    seq = torch.randn(2, S, 8, generator=g, dtype=torch.float64)
+    vis, qry = seq[:, start : start + L], seq[:, start + L + 2 :]
+    kw = dict(sequence_values=seq, span_start=start) if domain == "sequence" else {}
+    scores, seeds = sel.foreground_scores(vis, qry, 0, **kw)
+    assert seeds.numel() == 0 and seeds.dtype == torch.long
+    text = _manual_sequence_rows(qry, seq, start, L) if domain == "sequence" else _brute_rows(qry, vis)
+    torch.testing.assert_close(scores.double(), text.mean(0), atol=1e-6, rtol=1e-5)
+    # = the stage-1 scores; a negative count is no seed either, and one seed changes the scores
+    assert torch.equal(sel.foreground_scores(vis, qry, -2, **kw)[0], scores)
+    one, s1 = sel.foreground_scores(vis, qry, 1, **kw)
+    assert s1.numel() == 1 and not torch.equal(one, scores)
+    # round(0.01 L) seeds, no minimum: 0 seeds below L = 50
+    assert sel.ratio_count(0.01, 49) == 0 and sel.ratio_count(0.01, 51) == 1
+
+
+def test_numerics_choices_are_checked():
+    assert sel.NUMERICS == ("ours", "authors")
+    vis = torch.randn(1, 4, 8)
+    pos = torch.arange(4)
+    with pytest.raises(ValueError):
+        sel.ivc_scores(pos, torch.ones(4), numerics="bf16")
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, vis, 1, numerics="bf16")
+    with pytest.raises(ValueError):
+        sel.foreground_scores(vis, vis, 1, numerics="authors", authors_mean="bogus")
+    with pytest.raises(ValueError):  # the release computes in one dtype
+        sel.foreground_scores(vis.bfloat16(), vis, 1, numerics="authors")
+
+
+def test_authors_numerics_hand_computed_small_case():
+    # 1-D RoPE, head_dim 4 (two frequencies 1 and 0.01), bf16: the statistic is the bf16 mean of the
+    # bf16-rounded cos over the four head dimensions (each frequency twice), accumulated in float32.
+    inv = torch.tensor([1.0, 0.01])
+    pos = torch.tensor([0, 1, 2, 3])
+    c, s = sel.ivc_scores(pos, inv, numerics="authors")
+    for p in range(4):
+        parts = [torch.tensor(math.cos(p * t), dtype=torch.float32).bfloat16().double().item() for t in (1.0, 0.01)]
+        exp = torch.tensor(sum(parts) * 2 / 4, dtype=torch.float32).bfloat16().double().item()
+        assert c[p].item() == exp
+        parts = [torch.tensor(math.sin(p * t), dtype=torch.float32).bfloat16().double().item() for t in (1.0, 0.01)]
+        assert s[p].item() == torch.tensor(sum(parts) * 2 / 4, dtype=torch.float32).bfloat16().double().item()
+    assert c.dtype == torch.float64
+    # the same values as bf16 numbers: a few distinct values only
+    assert torch.equal(c, c.bfloat16().double())
+    # the attention scaling multiplies the float32 cos before the cast
+    c2, _ = sel.ivc_scores(pos, inv, numerics="authors", attention_scaling=2.0)
+    assert torch.equal(c2, 2 * c)
+    # float32 model: the same arithmetic in float32
+    c32, _ = sel.ivc_scores(pos, inv, numerics="authors", model_dtype=torch.float32)
+    torch.testing.assert_close(c32, sel.ivc_scores(pos, inv)[0], atol=1e-6, rtol=0)
+
+
 def test_fill_to_budget_and_union_rule():
     fg = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.5, 0.3])
     kept, fill = sel.fill_to_budget(8, [torch.tensor([1]), torch.tensor([4, 1])], fg, target=4)
@@ -123,15 +238,15 @@ def test_interleave_rankings():
 
 
 @pytest.mark.parametrize(
-    "family,media,rule,budget",
+    "family,media,rule,budget,domain,min_one_seed",
     [
-        ("qwen2_5_vl", (("image", 1, 16, 20),), "fill", 0.5),
-        ("qwen2_5_vl", (("image", 1, 12, 12), ("image", 1, 8, 20)), "fill", 0.3),
-        ("qwen2_vl", (("image", 1, 16, 20),), "union", None),
-        ("qwen2_5_vl", (("video", 2, 8, 12),), "fill", 0.5),
+        ("qwen2_5_vl", (("image", 1, 16, 20),), "fill", 0.5, "span", True),
+        ("qwen2_5_vl", (("image", 1, 12, 12), ("image", 1, 8, 20)), "fill", 0.3, "span", True),
+        ("qwen2_vl", (("image", 1, 16, 20),), "union", None, "sequence", False),
+        ("qwen2_5_vl", (("video", 2, 8, 12),), "fill", 0.5, "span", True),
     ],
 )
-def test_selection_matches_loop_reference(family, media, rule, budget):
+def test_selection_matches_loop_reference(family, media, rule, budget, domain, min_one_seed):
     model = make_model(family, layers=4)
     inputs = make_inputs(model, media=media, text_after=12)
     K = 3
@@ -140,7 +255,11 @@ def test_selection_matches_loop_reference(family, media, rule, budget):
         model(**inputs)
     rep = pruner.last_report
     assert rep.config["rule"] == rule
-    ref = reference_selection(model, inputs, K, budget=budget or 0.5, rule=rule)
+    # the family presets of METHOD.md: Qwen2-VL's softmax over the whole sequence, no seed minimum
+    assert rep.config.get("softmax_domain", domain) == domain
+    assert rep.config.get("min_one_seed", min_one_seed) == min_one_seed
+    ref = reference_selection(model, inputs, K, budget=budget or 0.5, rule=rule, softmax_domain=domain,
+                              min_one_seed=min_one_seed)
     assert len(ref) == len(rep.spans)
     for r, s in zip(ref, rep.spans):
         assert (s.start, s.length) == (r["start"], r["length"])

@@ -10,7 +10,7 @@
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from .methods import REGISTRY, IVCPrune, Preset, PruningMethod, RandomPrune, make_method, preset_for, register
 from .report import PruneReport, SpanReport
-from .runtime import BatchSizeError, Needs, RowInput, SpanInput, SpanSelection, UnsupportedCacheError
+from .runtime import Needs, RowInput, SpanInput, SpanSelection, UnsupportedCacheError
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,5 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",
     "UnsupportedCacheError",
-    "BatchSizeError",
     "__version__",
 ]

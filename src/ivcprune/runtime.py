@@ -37,10 +37,6 @@ from .adapters import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
 
 
-class BatchSizeError(ValueError):
-    """A generation mode the runtime cannot prune (beam search)."""
-
-
 class UnsupportedCacheError(ValueError):
     """The KV cache type cannot be cut."""
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ivcprune.tiny import TOKEN_IDS, tiny_model
+from ivcprune.models import tiny_model
+from ivcprune.tiny import TOKEN_IDS
 
 FAMILIES = {"qwen2_5_vl": "tiny-qwen2.5-vl", "qwen2_vl": "tiny-qwen2-vl"}
 

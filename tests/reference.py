@@ -116,7 +116,7 @@ def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ra
         domain = range(s, s + L) if softmax_domain == "span" else range(len(ids))
         first = domain.index(s)
 
-        def row(qvec):
+        def row(qvec, domain=domain, first=first, L=L):
             out_row = [0.0] * L
             for h in range(H):
                 logits = [float(qvec[h] @ v[t, h]) / math.sqrt(head_dim) for t in domain]

@@ -131,7 +131,7 @@ def test_ivc_authors_equals_release_at_qwen25_7b_size(start):
     ours = _ivc_sets(ours_cos, ours_sin, k, lambda s, n: set(sel.stable_topk(s, n).tolist()))
     assert ours == rel
     # the bf16 statistic takes few distinct values: the tie rule decides part of the sets
-    assert len(set(rel_cos.tolist())) < 100 and len(set(rel_sin.tolist())) < 200
+    assert len(set(rel_cos.tolist())) < L // 4 and len(set(rel_sin.tolist())) < L // 4
 
 
 def test_ivc_authors_equals_release_with_attention_scaling_and_applied_bands():
@@ -197,9 +197,10 @@ def _values(S, heads=4, d=HEAD_DIM, dtype=torch.bfloat16, seed=0):
 
 def _assert_same_model_dtype_scores(ours: torch.Tensor, release: torch.Tensor):
     # the release's reductions run in CUDA's float32 order, ours in an exact sum rounded to float32: a
-    # value may land on the other side of a bf16 rounding boundary, one ulp off, very rarely
+    # value may land on the other side of a bf16 rounding boundary, one ulp off, very rarely (the wrong
+    # order of means, per-row instead of joint or back, changes 2-10% of the values)
     rel = release.float()
-    assert (ours != rel).sum().item() <= max(1, rel.numel() // 200)
+    assert (ours != rel).sum().item() <= max(2, rel.numel() // 1000)
     torch.testing.assert_close(ours, rel, rtol=2**-7, atol=0)
 
 
@@ -259,6 +260,8 @@ def test_similarity_authors_equals_release_qwen2_vl_sequence_domain(grid):
         authors_mean="per_row",
     )
     torch.testing.assert_close(per_row, scores, rtol=2**-6, atol=1e-12)
+    if L > 1000:
+        assert not torch.equal(per_row, scores)
 
 
 def test_similarity_authors_equals_release_llava_sequence_domain_fp16():
@@ -294,8 +297,12 @@ def test_similarity_ours_and_authors_agree_up_to_rounding():
         ours, s_ours = sel.foreground_scores(v[:, start : start + L], q, 13, **kw)
         auth, s_auth = sel.foreground_scores(v[:, start : start + L], q, 13, numerics="authors", **kw)
         assert ours.dtype == auth.dtype == torch.float32
-        torch.testing.assert_close(auth, ours, rtol=2**-6, atol=1e-9)
         assert len(set(s_ours.tolist()) & set(s_auth.tolist())) >= 11
+        # away from the seeds (whose own rows lift them), bf16 rounding moves scores by well under 1%
+        others = torch.ones(L, dtype=torch.bool)
+        others[s_ours] = False
+        others[s_auth] = False
+        assert (auth - ours)[others].abs().max() <= 0.01 * ours.max()
         top_o = set(sel.stable_topk(ours, L // 2).tolist())
         top_a = set(sel.stable_topk(auth, L // 2).tolist())
         assert len(top_o ^ top_a) <= 0.05 * L

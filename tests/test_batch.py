@@ -68,6 +68,22 @@ def test_each_row_of_a_batch_equals_the_row_alone(models, family, attn, name):
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [max(kept) + N_NEW - 1] * 4
 
 
+@pytest.mark.parametrize("knobs", [dict(numerics="authors"), dict(softmax_domain="sequence", min_one_seed=False),
+                                   dict(softmax_domain="span", min_one_seed=True), dict(ivc_statistic="applied"),
+                                   dict(budget_tokens=7, rule="fill")])
+def test_knob_variants_batch_like_rows_alone(models, knobs):
+    model = models[("qwen2_vl", "sdpa")]
+    rows = mixed_rows(model)
+    method = IVCPrune(layer=2, **knobs)
+    with torch.no_grad(), method(model):
+        batched = model(**batch_inputs(rows)).logits[:, -1]
+        reports = method.last_reports
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(batched[i], model(**r).logits[0, -1], atol=ATOL, rtol=1e-4)
+            assert torch.equal(reports[i].kept, method.last_report.kept)
+    assert all(r.pruned for i, r in enumerate(reports) if i != 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_decode_positions_equal_unpruned(models, family):
     """Generated tokens get, per row, the positions they get in the unpruned batch."""

@@ -9,7 +9,7 @@ import torch
 
 from benchfix import mmbench_tsv
 from ivcprune.cli import main
-from ivcprune.grounding.synth import make_sample
+from ivcprune.evals.synth import make_sample
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.methods import make_method
 from ivcprune.models import load_model, resolve_model_spec

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from ivcprune.cli import main
-from ivcprune.grounding.data import GroundingItem, write_grounding_tsv
-from ivcprune.grounding.evaluate import _to_original, comparison_markdown, grid, score_predictions
+from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
+from ivcprune.evals.grounding import comparison_markdown, score_predictions, to_original
+from ivcprune.evals.plan import grid
 from ivcprune.methods import make_method
-from ivcprune.tiny import save_tiny_checkpoint
+from ivcprune.models import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def test_metrics_by_hand(tmp_path):
 
 def test_frames():
     # Qwen2.5-VL answers in resized pixels, Qwen2-VL in 0-1000
-    assert _to_original((10, 20, 30, 40), "qwen2_5_vl", (200, 100), (400, 300)) == (20, 60, 60, 120)
-    assert _to_original((100, 500, 300, 1000), "qwen2_vl", (0, 0), (640, 480)) == pytest.approx((64, 240, 192, 480))
-    assert _to_original(None, "qwen2_vl", (1, 1), (1, 1)) is None
+    assert to_original((10, 20, 30, 40), "qwen2_5_vl", (200, 100), (400, 300)) == (20, 60, 60, 120)
+    assert to_original((100, 500, 300, 1000), "qwen2_vl", (0, 0), (640, 480)) == pytest.approx((64, 240, 192, 480))
+    assert to_original(None, "qwen2_vl", (1, 1), (1, 1)) is None
 
 
 def test_grid_and_methods():

@@ -8,9 +8,9 @@ import io
 import pytest
 from PIL import Image
 
-from ivcprune.grounding import synth
-from ivcprune.grounding.boxes import iou, parse_box, parse_qwen2_box, parse_qwen25_box
-from ivcprune.grounding.data import read_grounding_tsv, write_grounding_tsv, GroundingItem
+from ivcprune.boxes import iou, parse_box, parse_qwen2_box, parse_qwen25_box
+from ivcprune.evals import synth
+from ivcprune.evals.grounding_data import read_grounding_tsv, write_grounding_tsv, GroundingItem
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_parse_qwen25_malformed(text):
 )
 def test_parse_qwen2_answers(text, box):
     assert parse_qwen2_box(text) == pytest.approx(box)
-    assert parse_box(text, "qwen2_vl") == pytest.approx(box)
+    assert parse_box(text, "box_tokens") == pytest.approx(box)
 
 
 @pytest.mark.parametrize("text", ["<|box_start|>(69,306)<|box_end|>", "no box", '{"bbox_2d": [1, 2, 3, 4]}'])

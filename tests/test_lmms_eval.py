@@ -17,8 +17,8 @@ pytest.importorskip("lmms_eval")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ivcprune.grounding import synth  # noqa: E402
-from ivcprune.grounding.toy import TOY_DIR  # noqa: E402
+from ivcprune.evals import synth  # noqa: E402
+from ivcprune.models import TOY_DIR  # noqa: E402
 from ivcprune.integrations.lmms_eval import (  # noqa: E402
     IVCPruneLMM,
     build_method,

@@ -20,8 +20,11 @@ def test_paper_presets():
     assert (q2.layer, q2.rule, q2.foreground_ratio) == (16, "union", 0.4)
     assert preset_for("qwen2_5_vl", 4).layer == 2  # other depths: the 16/28 ratio
     assert preset_for("qwen2_5_vl", 2).layer == 1
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="no preset for model type 'llama'"):
         preset_for("llama", 32)
+    q2 = preset_for("qwen2_vl", 28)  # the authors' Qwen2-VL code: sequence softmax, seeds without a minimum
+    assert (q2.softmax_domain, q2.min_one_seed) == ("sequence", False)
+    assert (p7.softmax_domain, p7.min_one_seed) == ("span", True)
 
 
 def test_resolution_from_model_type(qwen25, qwen2):

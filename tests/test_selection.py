@@ -167,7 +167,7 @@ def test_zero_seeds_gives_text_rows_only(domain):
     S, start, L = 30, 4, 20
     seq = torch.randn(2, S, 8, generator=g, dtype=torch.float64)
     vis, qry = seq[:, start : start + L], seq[:, start + L + 2 :]
-    kw = dict(sequence_values=seq, span_start=start) if domain == "sequence" else {}
+    kw = {"sequence_values": seq, "span_start": start} if domain == "sequence" else {}
     scores, seeds = sel.foreground_scores(vis, qry, 0, **kw)
     assert seeds.numel() == 0 and seeds.dtype == torch.long
     text = _manual_sequence_rows(qry, seq, start, L) if domain == "sequence" else _brute_rows(qry, vis)
@@ -200,12 +200,19 @@ def test_authors_numerics_hand_computed_small_case():
     inv = torch.tensor([1.0, 0.01])
     pos = torch.tensor([0, 1, 2, 3])
     c, s = sel.ivc_scores(pos, inv, numerics="authors")
+
+    def f32(x):
+        return torch.tensor(x, dtype=torch.float32)
+
+    def bf16(x):
+        return f32(x).bfloat16().double().item()
+
     for p in range(4):
-        parts = [torch.tensor(math.cos(p * t), dtype=torch.float32).bfloat16().double().item() for t in (1.0, 0.01)]
-        exp = torch.tensor(sum(parts) * 2 / 4, dtype=torch.float32).bfloat16().double().item()
-        assert c[p].item() == exp
-        parts = [torch.tensor(math.sin(p * t), dtype=torch.float32).bfloat16().double().item() for t in (1.0, 0.01)]
-        assert s[p].item() == torch.tensor(sum(parts) * 2 / 4, dtype=torch.float32).bfloat16().double().item()
+        angles = [f32(p * f32(t).item()).item() for t in (1.0, 0.01)]  # float32 angles
+        cos_parts = [bf16(math.cos(a)) for a in angles]  # each cos rounded to bf16
+        sin_parts = [bf16(math.sin(a)) for a in angles]
+        assert c[p].item() == bf16(sum(cos_parts) * 2 / 4)  # mean over 4 dims (2 freqs twice)
+        assert s[p].item() == bf16(sum(sin_parts) * 2 / 4)
     assert c.dtype == torch.float64
     # the same values as bf16 numbers: a few distinct values only
     assert torch.equal(c, c.bfloat16().double())
@@ -243,6 +250,8 @@ def test_interleave_rankings():
         ("qwen2_5_vl", (("image", 1, 16, 20),), "fill", 0.5, "span", True),
         ("qwen2_5_vl", (("image", 1, 12, 12), ("image", 1, 8, 20)), "fill", 0.3, "span", True),
         ("qwen2_vl", (("image", 1, 16, 20),), "union", None, "sequence", False),
+        # 24 and 48 tokens: round(0.01 L) = 0 seeds, stage 2 is the text rows only
+        ("qwen2_vl", (("image", 1, 8, 12), ("image", 1, 12, 16)), "union", None, "sequence", False),
         ("qwen2_5_vl", (("video", 2, 8, 12),), "fill", 0.5, "span", True),
     ],
 )

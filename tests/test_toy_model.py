@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from ivcprune.grounding import synth
-from ivcprune.grounding.data import synthetic_items
-from ivcprune.grounding.evaluate import run_eval
-from ivcprune.grounding.toy import TOY_DIR
+from ivcprune.evals import synth
+from ivcprune.evals.grounding_data import synthetic_items
+from ivcprune.models import TOY_DIR
+from ivcprune.toy.evaluate import run_eval
 from ivcprune.methods import IVCPrune
 
 # Floors on the first 100 test samples, set from the measurement behind the model card with a margin

@@ -8,7 +8,8 @@ import random
 import pytest
 from PIL import Image
 
-from ivcprune.grounding import synth, toy
+from ivcprune.evals import synth
+from ivcprune.toy import train as toy
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_demo_writes_pictures(tmp_path, capsys):
 
 
 def test_model_card_has_recipe_curve_and_tables(tmp_path):
-    from ivcprune.grounding.card import write_card
+    from ivcprune.toy.card import write_card
 
     recipe = {k: getattr(toy.ToyRecipe(), k) for k in ("seed", "data_seed", "batch_size", "queries_per_image", "lr",
                                                        "warmup_steps", "min_lr_ratio", "weight_decay", "threads")}

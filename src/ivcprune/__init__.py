@@ -7,7 +7,7 @@
     pruner.last_reports   # one report per batch row
 """
 
-from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from .families import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from .methods import REGISTRY, IVCPrune, Preset, PruningMethod, RandomPrune, make_method, preset_for, register
 from .report import PruneReport, SpanReport
 from .runtime import Needs, RowInput, SpanInput, SpanSelection, UnsupportedCacheError

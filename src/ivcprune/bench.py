@@ -1,5 +1,6 @@
-"""Measuring pruned vs unpruned generation in one run: prefill latency, decode ms/token, peak memory,
-KV-cache bytes, and the FLOP-limited expectation for the configuration."""
+"""Measuring pruned vs unpruned generation in one run: prefill latency, decode ms/token, throughput of
+batches (samples/s, generated tokens/s), peak memory, KV-cache bytes, and the FLOP-limited expectation
+for the configuration. Every run goes through :func:`ivcprune.generation.generate_inputs`."""
 
 from __future__ import annotations
 
@@ -12,28 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from PIL import Image
 
+from .generation import StepClock, generate_inputs, kv_cache_bytes, sync
+from .inputs import build_batch_inputs, stack_inputs, user_message
 from .methods import PruningMethod
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class StepClock(LogitsProcessor):
-    """Timestamps every generation step (called right after each forward pass)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        _sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
+from .models import synthetic_inputs
 
 
 def _return_freed_memory_to_os() -> None:
@@ -108,31 +95,24 @@ def _proc_status(key: str) -> int:
     raise OSError(key)
 
 
-def kv_cache_bytes(cache) -> tuple[int, int]:
-    """(bytes, tokens) held by a DynamicCache over all layers."""
-    total, tokens = 0, 0
-    for layer in getattr(cache, "layers", []):
-        if getattr(layer, "keys", None) is None:
-            continue
-        total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        tokens = max(tokens, layer.keys.shape[-2])
-    return total, tokens
-
-
 @dataclass
 class GenerationRun:
-    """One timed generate call."""
+    """One timed generate call (a batch of ``batch_size`` rows; per-row fields are row 0's)."""
 
-    tokens: list[int]
+    tokens: list[int]  # row 0's new tokens
     prefill_s: float  # forward of the whole prompt, vision encoder included
     vision_s: float
-    decode_ms_per_token: float | None
-    new_tokens: int
-    kv_bytes_prompt: int  # KV cache right after prefill, all layers
-    kv_tokens_prompt: int
+    decode_ms_per_token: float | None  # per decoding step (a token of every row)
+    new_tokens: int  # row 0's
+    kv_bytes_prompt: int  # KV cache right after prefill, all layers (and rows)
+    kv_tokens_prompt: int  # slots per row
     peak_memory_bytes: int | None  # whole generate call
     llm_peak_memory_bytes: int | None  # after the vision encoder: LLM prefill and decoding
-    report: dict[str, Any] | None = field(default=None, repr=False)
+    report: dict[str, Any] | None = field(default=None, repr=False)  # row 0's
+    batch_size: int = 1
+    total_s: float = 0.0  # the whole generate call
+    generated_tokens: int = 0  # over all rows
+    rows_tokens: list[list[int]] = field(default_factory=list, repr=False)
 
 
 def _visual_module(model):
@@ -142,9 +122,9 @@ def _visual_module(model):
 
 def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tokens: int = 32,
                      force_length: bool = True, **gen_kwargs) -> GenerationRun:
-    """Run ``model.generate`` (pruned by ``method`` if given) and time its parts."""
+    """Run ``model.generate`` on ``inputs`` (one row or a batch; pruned by ``method`` if given) through
+    :func:`ivcprune.generation.generate_inputs` and time its parts."""
     device = next(model.parameters()).device
-    clock = StepClock(device)
     vision_times: list[float] = []
     mem = _PeakMemory(device)
     visual = _visual_module(model)
@@ -152,51 +132,42 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
     if visual is not None:
 
         def vision_start(module, args):
-            _sync(device)
+            sync(device)
             vision_times.append(-time.perf_counter())
 
         def vision_end(module, args, output):
-            _sync(device)
+            sync(device)
             vision_times.append(time.perf_counter())
             mem.split()
 
         handles += [visual.register_forward_pre_hook(vision_start), visual.register_forward_hook(vision_end)]
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False)
     if force_length:
         kw["min_new_tokens"] = max_new_tokens
     kw.update(gen_kwargs)
-    kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), clock])
-    ctx = method(model) if method is not None else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), mem, ctx:
-            _sync(device)
-            t0 = time.perf_counter()
-            out = model.generate(**inputs, **kw)
+        with mem:
+            out = generate_inputs(model, inputs, method, **kw)
     finally:
         for h in handles:
             h.remove()
-    prompt_len = inputs["input_ids"].shape[1]
-    new = out.sequences[0, prompt_len:].tolist()
-    stamps = clock.stamps
-    decode = None
-    if len(stamps) > 1:
-        decode = 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    kv_bytes, kv_tokens = kv_cache_bytes(out.past_key_values)
-    fed_after_prefill = max(0, len(new) - 1)
-    prompt_tokens = kv_tokens - fed_after_prefill
-    per_token = kv_bytes / kv_tokens if kv_tokens else 0
-    vision = sum(vision_times)
+    rows = [out.new_tokens(b) for b in range(out.batch_size)]
+    report = out.reports[0]
     return GenerationRun(
-        tokens=new,
-        prefill_s=stamps[0] - t0 if stamps else float("nan"),
-        vision_s=vision,
-        decode_ms_per_token=decode,
-        new_tokens=len(new),
-        kv_bytes_prompt=int(round(per_token * prompt_tokens)),
-        kv_tokens_prompt=prompt_tokens,
+        tokens=rows[0],
+        prefill_s=out.timing.prefill_s,
+        vision_s=sum(vision_times),
+        decode_ms_per_token=out.timing.decode_ms_per_token,
+        new_tokens=len(rows[0]),
+        kv_bytes_prompt=out.kv_bytes_prompt,
+        kv_tokens_prompt=out.kv_tokens_prompt,
         peak_memory_bytes=mem.peak,
         llm_peak_memory_bytes=mem.second_phase_peak,
-        report=method.last_report.to_dict() if method is not None and method.last_report is not None else None,
+        report=report.to_dict() if report is not None else None,
+        batch_size=out.batch_size,
+        total_s=out.timing.total_s,
+        generated_tokens=sum(len(r) for r in rows),
+        rows_tokens=rows,
     )
 
 
@@ -231,92 +202,115 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def _image_inputs(model, processor, image_tokens: int, prompt: str, device):
-    """Inputs with one image of ``image_tokens`` visual tokens (after merging)."""
-    from .models import synthetic_inputs
-
+def _image_inputs(model, processor, image_tokens: int, prompt: str, device, batch_size: int = 1):
+    """Inputs of ``batch_size`` rows of one shape, each with one image of ``image_tokens`` visual tokens
+    (after merging): the same prompt, different pixels (row ``b`` draws them with seed ``b``)."""
     if processor is None:
-        inputs, grid = synthetic_inputs(model.config, image_tokens, device=device)
-        return inputs, grid
-    import numpy as np
-    from PIL import Image
-
-    from .inputs import build_inputs, user_message
-
+        rows = [synthetic_inputs(model.config, image_tokens, seed=b, device=device) for b in range(batch_size)]
+        return stack_inputs([inputs for inputs, _ in rows]), rows[0][1]
     merge = model.config.vision_config.spatial_merge_size
     px = model.config.vision_config.patch_size * merge
     gh = max(1, int(image_tokens**0.5))
     while image_tokens % gh:
         gh -= 1
     gw = image_tokens // gh
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (gh * px, gw * px, 3), dtype=np.uint8))
     pixels = gh * gw * px * px
-    msgs = user_message(prompt, [img], min_pixels=pixels, max_pixels=pixels)
-    inputs, _ = build_inputs(processor, msgs)
+    conversations = []
+    for b in range(batch_size):
+        rng = np.random.default_rng(b)
+        img = Image.fromarray(rng.integers(0, 255, (gh * px, gw * px, 3), dtype=np.uint8))
+        conversations.append(user_message(prompt, [img], min_pixels=pixels, max_pixels=pixels))
+    inputs, _ = build_batch_inputs(processor, conversations, image_patch_size=model.config.vision_config.patch_size)
     return inputs.to(device), (gh, gw)
 
 
-def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int], new_tokens: int = 32,
-              repeats: int = 5, warmup: int = 1, prompt: str = "Describe the image in detail.",
+def _variant(runs: list[GenerationRun]) -> dict[str, Any]:
+    """Medians over the repeats of one variant (unpruned or pruned) at one shape and batch size."""
+    return {
+        "prefill_s": _median([r.prefill_s for r in runs]),
+        "vision_s": _median([r.vision_s for r in runs]),
+        "llm_prefill_s": _median([r.prefill_s - r.vision_s for r in runs]),
+        "decode_ms_per_token": _median([r.decode_ms_per_token for r in runs]),
+        "total_s": _median([r.total_s for r in runs]),
+        "samples_per_s": _median([r.batch_size / r.total_s if r.total_s else None for r in runs]),
+        "tokens_per_s": _median([r.generated_tokens / r.total_s if r.total_s else None for r in runs]),
+        "peak_memory_bytes": _median([r.peak_memory_bytes for r in runs]),
+        "llm_peak_memory_bytes": _median([r.llm_peak_memory_bytes for r in runs]),
+        "kv_bytes": _median([r.kv_bytes_prompt for r in runs]),
+        "same_tokens_as_unpruned": None,
+    }
+
+
+RATIO_KEYS = ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "total_s", "samples_per_s", "tokens_per_s",
+              "peak_memory_bytes", "llm_peak_memory_bytes", "kv_bytes")
+
+
+def bench_row(model, processor, method: PruningMethod, *, image_tokens: int, batch_size: int, new_tokens: int,
+              repeats: int, warmup: int, prompt: str, on_run=None) -> dict[str, Any]:
+    """One shape and batch size: unpruned and pruned runs interleaved, medians over ``repeats``."""
+    device = next(model.parameters()).device
+    inputs, grid = _image_inputs(model, processor, image_tokens, prompt, device, batch_size)
+    runs: dict[str, list[GenerationRun]] = {"unpruned": [], "pruned": []}
+    for i in range(warmup + repeats):
+        for name, m in (("unpruned", None), ("pruned", method)):
+            r = measure_generate(model, inputs, m, max_new_tokens=new_tokens)
+            if i >= warmup:
+                runs[name].append(r)
+            if on_run is not None:
+                on_run()
+    rep = runs["pruned"][-1].report or {}
+    seq_len = inputs["input_ids"].shape[1]
+    kept_len = rep.get("kept_len", seq_len)
+    layer = rep.get("layer") or 0
+    row: dict[str, Any] = {
+        "image_tokens": image_tokens,
+        "batch_size": batch_size,
+        "grid": list(grid),
+        "seq_len": seq_len,
+        "kept_len": kept_len,
+        "visual_kept": rep.get("visual_kept"),
+        "layer": layer,
+        "selection_ms": _median([(r.report or {}).get("selection_ms") for r in runs["pruned"]]),
+        "config": rep.get("config", {}),
+    }
+    for name, rs in runs.items():
+        row[name] = _variant(rs)
+    row["pruned"]["same_tokens_as_unpruned"] = runs["pruned"][-1].rows_tokens == runs["unpruned"][-1].rows_tokens
+    u, p = row["unpruned"], row["pruned"]
+    row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None) for k in RATIO_KEYS}
+    row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
+    return row
+
+
+def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int], batch_sizes: list[int] = (1,),
+              new_tokens: int = 32, repeats: int = 5, warmup: int = 1, prompt: str = "Describe the image in detail.",
               model_name: str = "", progress: bool = True) -> dict[str, Any]:
-    """Unpruned vs pruned, interleaved, medians over ``repeats``; returns a JSON-able dict."""
+    """Unpruned vs pruned, interleaved, medians over ``repeats``, for every image size x batch size (a
+    batch of identical-shape prompts; throughput = samples and generated tokens per second of the whole
+    generate call); returns a JSON-able dict."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    rows = []
-    total = len(image_tokens) * (warmup + repeats) * 2
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
+    total = len(image_tokens) * len(batch_sizes) * (warmup + repeats) * 2
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
-    for n_img in image_tokens:
-        inputs, grid = _image_inputs(model, processor, n_img, prompt, device)
-        runs: dict[str, list[GenerationRun]] = {"unpruned": [], "pruned": []}
-        for i in range(warmup + repeats):
-            for name, m in (("unpruned", None), ("pruned", method)):
-                r = measure_generate(model, inputs, m, max_new_tokens=new_tokens)
-                if i >= warmup:
-                    runs[name].append(r)
-                bar.update(1)
-        rep = runs["pruned"][-1].report or {}
-        seq_len = inputs["input_ids"].shape[1]
-        kept_len = rep.get("kept_len", seq_len)
-        layer = rep.get("layer") or 0
-        row: dict[str, Any] = {
-            "image_tokens": n_img,
-            "grid": list(grid),
-            "seq_len": seq_len,
-            "kept_len": kept_len,
-            "visual_kept": rep.get("visual_kept"),
-            "layer": layer,
-            "selection_ms": _median([(r.report or {}).get("selection_ms") for r in runs["pruned"]]),
-        }
-        for name, rs in runs.items():
-            row[name] = {
-                "prefill_s": _median([r.prefill_s for r in rs]),
-                "vision_s": _median([r.vision_s for r in rs]),
-                "llm_prefill_s": _median([r.prefill_s - r.vision_s for r in rs]),
-                "decode_ms_per_token": _median([r.decode_ms_per_token for r in rs]),
-                "peak_memory_bytes": _median([r.peak_memory_bytes for r in rs]),
-                "llm_peak_memory_bytes": _median([r.llm_peak_memory_bytes for r in rs]),
-                "kv_bytes": _median([r.kv_bytes_prompt for r in rs]),
-                "same_tokens_as_unpruned": None,
-            }
-        row["pruned"]["same_tokens_as_unpruned"] = runs["pruned"][-1].tokens == runs["unpruned"][-1].tokens
-        u, p = row["unpruned"], row["pruned"]
-        row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None)
-                         for k in ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "peak_memory_bytes",
-                                   "llm_peak_memory_bytes", "kv_bytes")}
-        row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer)
-        n_layers = model.config.get_text_config().num_hidden_layers
-        row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
-        rows.append(row)
+    rows = [bench_row(model, processor, method, image_tokens=n_img, batch_size=b, new_tokens=new_tokens,
+                      repeats=repeats, warmup=warmup, prompt=prompt, on_run=lambda: bar.update(1))
+            for n_img in image_tokens for b in batch_sizes]
     bar.close()
+    config = rows[-1].pop("config") if rows else {}
+    for r in rows:
+        r.pop("config", None)
     return {
         "model": model_name,
         **environment(model),
-        "method": describe(method.last_report.config if method.last_report else {}),
-        "config": (method.last_report.config if method.last_report else {}),
+        "method": describe(config),
+        "config": config,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "batch_sizes": list(batch_sizes),
         "rows": rows,
     }
 
@@ -381,19 +375,22 @@ def bench_markdown(result: dict[str, Any]) -> str:
     head = (
         f"Model `{result['model']}` on {result['device']}, {result['dtype']}, {result['attn_implementation']}; "
         f"{result['method']}; {result['new_tokens']} new tokens; medians of {result['repeats']} runs.\n\n"
-        "| visual tokens | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
-        "| decode ms/tok | ratio | LLM peak mem | ratio | peak mem | ratio | KV cache | ratio | selection ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| visual tokens | batch | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
+        "| decode ms/tok | ratio | samples/s | tok/s | ratio | LLM peak mem | ratio | peak mem | ratio "
+        "| KV cache | ratio | selection ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in result["rows"]:
         u, p, q = r["unpruned"], r["pruned"], r["ratios"]
         lines.append(
-            f"| {r['image_tokens']} | {r['seq_len']} → {r['kept_len']} "
+            f"| {r['image_tokens']} | {r.get('batch_size', 1)} | {r['seq_len']} → {r['kept_len']} "
             f"| {_r(u['llm_prefill_s'], 3)} → {_r(p['llm_prefill_s'], 3)} | {_r(q['llm_prefill_s'])} "
             f"| {_r(r['expected']['llm_prefill_flop_ratio'])} "
             f"| {_r(u['prefill_s'], 3)} → {_r(p['prefill_s'], 3)} | {_r(q['prefill_s'])} "
             f"| {_r(u['decode_ms_per_token'], 1)} → {_r(p['decode_ms_per_token'], 1)} | {_r(q['decode_ms_per_token'])} "
+            f"| {_r(u.get('samples_per_s'))} → {_r(p.get('samples_per_s'))} "
+            f"| {_r(u.get('tokens_per_s'), 1)} → {_r(p.get('tokens_per_s'), 1)} | {_r(q.get('tokens_per_s'))} "
             f"| {_fmt_bytes(u['llm_peak_memory_bytes'])} → {_fmt_bytes(p['llm_peak_memory_bytes'])} "
             f"| {_r(q['llm_peak_memory_bytes'])} "
             f"| {_fmt_bytes(u['peak_memory_bytes'])} → {_fmt_bytes(p['peak_memory_bytes'])} | {_r(q['peak_memory_bytes'])} "
@@ -401,9 +398,13 @@ def bench_markdown(result: dict[str, Any]) -> str:
             f"| {_r(r['selection_ms'], 1)} |"
         )
     notes = (
-        "\n\nLLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
+        "\n\nbatch = prompts of one shape generated together (prefill, decode step, memory, KV cache and selection "
+        "are the whole batch's); samples/s and tok/s = the batch's samples and generated tokens over the whole "
+        "generate call (ratio: pruned / unpruned throughput). "
+        "LLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
         "(layers before K are not reduced). Peak memory = rise above the level before generate (CUDA "
-        "allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. KV cache = all layers, after prefill. selection ms = "
+        "allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. "
+        "KV cache = all layers, after prefill. selection ms = "
         "time to choose the kept tokens (one decoder layer of unpruned prefill takes about "
         + ", ".join(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"])
         + " here)."
@@ -420,5 +421,5 @@ def save_bench(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
     return j, m
 
 
-__all__ = ["measure_generate", "run_bench", "bench_markdown", "save_bench", "expected_ratios", "llm_flops",
-           "kv_cache_bytes", "GenerationRun"]
+__all__ = ["measure_generate", "run_bench", "bench_row", "bench_markdown", "save_bench", "expected_ratios",
+           "llm_flops", "kv_cache_bytes", "GenerationRun", "StepClock"]

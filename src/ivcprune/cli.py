@@ -98,8 +98,8 @@ def _fmt_row(cells: list[str]) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .bench import _fmt_bytes, measure_generate
-    from .inputs import build_inputs, user_message
+    from .bench import _fmt_bytes
+    from .generation import Request, generate_batch
 
     args.model = _resolve_model_spec(args.model)
     method = _method_from_args(args)
@@ -109,10 +109,8 @@ def cmd_generate(args) -> int:
     for path in args.image:
         if not os.path.exists(path) and not path.startswith(("http://", "https://", "data:")):
             raise SystemExit(f"image not found: {path}")
-    msgs = user_message(args.prompt, args.image, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    inputs, _ = build_inputs(processor, msgs)
-    inputs = inputs.to(next(model.parameters()).device)
-    gen: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, force_length=False)
+    request = Request(args.image, args.prompt, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    gen: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens)
     if args.do_sample:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         import torch
@@ -122,14 +120,14 @@ def cmd_generate(args) -> int:
     if method is not None:
         variants.append((method.name, method))
     results = {}
-    for name, m in variants:
-        run = measure_generate(model, inputs, m, **gen)
-        answer = processor.decode(run.tokens, skip_special_tokens=True)
-        results[name] = (run, answer)
+    for name, m in variants:  # the generation path of every front door, a batch of one
+        (row,) = generate_batch(model, processor, [request], m, **gen)
+        results[name] = (row, row.text)
     if args.json:
-        out = {name: {"answer": ans, "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token,
-                      "new_tokens": r.new_tokens, "kv_bytes": r.kv_bytes_prompt, "kv_tokens": r.kv_tokens_prompt,
-                      "report": r.report} for name, (r, ans) in results.items()}
+        out = {name: {"answer": ans, "prefill_s": r.prefill_s, "decode_ms_per_token": r.timing.decode_ms_per_token,
+                      "new_tokens": len(r.tokens), "kv_bytes": r.kv_bytes, "kv_tokens": r.kv_tokens,
+                      "report": r.report.to_dict() if r.report is not None else None}
+               for name, (r, ans) in results.items()}
         print(json.dumps(out, indent=2))
         return 0
     if len(results) == 1:
@@ -145,10 +143,11 @@ def cmd_generate(args) -> int:
     rows = [
         ("answer", lambda r, a: a),
         ("prefill s", lambda r, a: f"{r.prefill_s:.3f}"),
-        ("decode ms/token", lambda r, a: "n/a" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.1f}"),
-        ("KV cache (prompt)", lambda r, a: f"{_fmt_bytes(r.kv_bytes_prompt)} ({r.kv_tokens_prompt} tokens)"),
+        ("decode ms/token", lambda r, a: "n/a" if r.timing.decode_ms_per_token is None
+            else f"{r.timing.decode_ms_per_token:.1f}"),
+        ("KV cache (prompt)", lambda r, a: f"{_fmt_bytes(r.kv_bytes)} ({r.kv_tokens} tokens)"),
         ("visual tokens kept", lambda r, a: "all" if r.report is None else
-            f"{r.report['visual_kept']}/{r.report['visual_tokens']}"),
+            f"{r.report.visual_kept}/{r.report.visual_tokens}"),
     ]
     for label, fn in rows:
         print(_fmt_row([label] + [fn(*results[n]) for n in names]))
@@ -164,8 +163,9 @@ def cmd_bench(args) -> int:
     method = _method_from_args(args, "ivc" if args.method == "none" else args.method)
     args.model = _resolve_model_spec(args.model)
     model, processor = _load(args)
-    result = run_bench(model, processor, method, image_tokens=args.image_tokens, new_tokens=args.new_tokens,
-                       repeats=args.repeats, warmup=args.warmup, model_name=args.model, progress=not args.json)
+    result = run_bench(model, processor, method, image_tokens=args.image_tokens, batch_sizes=args.batch_size,
+                       new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, model_name=args.model,
+                       progress=not args.json)
     if args.out:
         j, m = save_bench(result, args.out)
         print(f"wrote {j} and {m}", file=sys.stderr)
@@ -197,19 +197,23 @@ def _file_safe(name: str) -> str:
 def cmd_eval(args) -> int:
     from .evals.benchmarks import expand_data, load_benchmark
     from .evals.runner import init_distributed, run_resumable
-    from .evals.tasks import authors_pixels, predict_sample
-    from .grounding import evaluate as ev
+    from .evals.tasks import authors_pixels, predict_samples, sample_size
+    from .evals.grounding import comparison_markdown
+    from .evals.plan import grid
+    from .families import family_class
     from .methods import method_label, method_names
 
     spec, args.model = args.model, _resolve_model_spec(args.model)
     methods = args.methods.split(",") if args.methods else [args.method]
     budgets = _float_list(args.budgets) if args.budgets else [args.knob_budget]
     layers = _int_list(args.layers) if args.layers else [args.knob_layer]
-    runs = ev.grid(methods, budgets, layers)
+    runs = grid(methods, budgets, layers)
     for m in methods:
         if m not in method_names():
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(method_names())}")
     # each method takes the knobs it has (bad values fail here, before the model loads)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     built = [(name, m, b, k, _method_from_args(args, m, budget=b, layer=k)) for name, m, b, k in runs]
     benches, missing = [], []
     try:
@@ -232,7 +236,7 @@ def cmd_eval(args) -> int:
     if processor is None:
         raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
     family = args.style or model.config.model_type
-    from .adapters import get_adapter
+    from .families import get_adapter
 
     resolved_of = {name: method.resolve(get_adapter(model)) if method is not None else {}
                    for name, _, _, _, method in built}
@@ -252,13 +256,13 @@ def cmd_eval(args) -> int:
             resolved = resolved_of[name]
             prompt = args.prompt_template
             if bench.task == "grounding" and prompt is None:
-                prompt = ev.grounding_prompt(family)
+                prompt = family_class(family).grounding_prompt
             info = {"name": name, "model": spec, "model_path": args.model, "data": args.data if len(benches) == 1
                     else bench.name, "benchmark": bench.name, "source": bench.source, "task": bench.task,
                     "method": m, "label": method_label(m),
                     "budget": resolved.get("budget") if method else None,
                     "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
-                    "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+                    "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                     "seed": args.seed if bench.source == "synthetic" else None,
                     "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
                     "environment": {**env, "world_size": dist.world}}
@@ -273,21 +277,23 @@ def cmd_eval(args) -> int:
             drawn = len(list(pictures.glob("*.png"))) if pictures.is_dir() else 0
             budget = {"left": max(0, args.pictures - drawn) if method is not None and dist.rank == 0 else 0}
 
-            def predict(sample, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
-                picture = pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > 0 else None
-                rec = predict_sample(model, processor, sample, method, family=family,
-                                     max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
-                                     picture=picture)
-                if picture is not None and picture.exists():
-                    budget["left"] -= 1
-                return rec
+            def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
+                paths = []
+                for sample in batch:  # a picture for each sample while the budget lasts
+                    paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
+                recs = predict_samples(model, processor, batch, method, family=family,
+                                       max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
+                                       pictures=paths)
+                budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
+                return recs
 
             samples, total = bench.open(skipped), bench.total
             if args.limit is not None:
                 samples = itertools.islice(samples, args.limit)
                 total = args.limit if total is None else min(total, args.limit)
-            metrics = run_resumable(samples, predict, run_dir, info=info, total=total, progress=not args.quiet,
-                                    dist=dist, skipped=skipped)
+            metrics = run_resumable(samples, None, run_dir, info=info, total=total, progress=not args.quiet,
+                                    dist=dist, skipped=skipped, batch_size=args.batch_size, predict_batch=predict,
+                                    order_key=sample_size)
             if metrics is None:  # not rank 0
                 continue
             rows.append(metrics)
@@ -302,7 +308,7 @@ def cmd_eval(args) -> int:
     if dist.rank != 0:
         return 0
     if all(r["task"] == "grounding" for r in rows) and len(benches) == 1:
-        table = ev.comparison_markdown(rows)
+        table = comparison_markdown(rows)
     else:
         from .evals.runner import compare_table
 
@@ -355,7 +361,7 @@ def cmd_compare(args) -> int:
 def cmd_train_toy(args) -> int:
     from dataclasses import fields
 
-    from .grounding.toy import ToyRecipe, train
+    from .toy.train import ToyRecipe, train
 
     recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe) if getattr(args, f.name, None)
                           is not None})
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (forced length)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                   help="prompts of one shape generated together (one or more sizes): throughput in samples/s and "
+                        "generated tokens/s, unpruned vs pruned")
     b.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     b.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     b.set_defaults(func=cmd_bench)
@@ -445,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and task, see README)")
     e.add_argument("--max-pixels", type=int, default=None, help="... and at most this many (default: the authors')")
     e.add_argument("--out", required=True, help="output directory (resumed if it holds predictions)")
+    e.add_argument("--batch-size", type=int, default=1,
+                   help="samples answered together (left-padded; each answer equals its batch-of-one answer); "
+                        "each window of 8 batches is sorted by image size to limit padding")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 

@@ -4,7 +4,7 @@ A handful of synthetic grounding samples, unpruned vs IVC-Prune at 50%: answers 
 prefill / decode / KV-cache figures, and one picture per sample (true and predicted boxes, and the
 visual tokens coloured by kind: IVC / seed / foreground / pruned).
 
-It runs the embedded grounding model (``ivcprune.grounding.toy.TOY_DIR``, trained by ``ivcprune train-toy``).
+It runs the embedded grounding model (``ivcprune.models.TOY_DIR``, trained by ``ivcprune train-toy``).
 Where that folder is missing (e.g. an install without package data), a small Qwen2.5-VL-architecture
 checkpoint with random weights stands in, whose answers are noise: the demo then shows the machinery
 (what is kept, what it saves), not accuracy.
@@ -26,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from .bench import _fmt_bytes, measure_generate
-    from .grounding.boxes import iou, parse_qwen25_box
-    from .grounding.synth import make_sample
-    from .grounding.toy import TOY_DIR
+    from .boxes import iou, parse_qwen25_box
+    from .evals.synth import make_sample
     from .inputs import build_inputs, user_message
     from .methods import IVCPrune
-    from .models import load_model
-    from .tiny import save_tiny_checkpoint
+    from .models import TOY_DIR, load_model
+    from .models import save_tiny_checkpoint
     from .viz import prediction_picture
 
     out = Path(args.out)

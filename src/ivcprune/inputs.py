@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -34,18 +35,46 @@ def build_inputs(processor, messages: list[dict[str, Any]], *, image_patch_size:
     """``(inputs, images)``: processor outputs (batch of one, ``return_tensors="pt"``) and the resized
     PIL images the model sees (what a visualisation should draw on): qwen-vl-utils resizes them, and
     where the processor's own pixel bounds resize them again, they are brought to its patch grid."""
+    inputs, seen = build_batch_inputs(processor, [messages], image_patch_size=image_patch_size)
+    return inputs, seen[0]
+
+
+def build_batch_inputs(processor, conversations: list[list[dict[str, Any]]], *, image_patch_size: int = 14,
+                       padding_side: str = "left"):
+    """``(inputs, seen)`` for several conversations, one batch row each, padded on ``padding_side`` (left:
+    what batched generation needs): the processor's outputs (``return_tensors="pt"``) and, per row, the
+    resized PIL images the model sees (see :func:`build_inputs`). Rows may differ in image sizes and
+    counts, or have no image."""
     from qwen_vl_utils import process_vision_info
 
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images, videos = process_vision_info(messages, image_patch_size=image_patch_size)
-    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
-    seen = list(images or [])
+    texts, images, videos, counts = [], [], [], []
+    for messages in conversations:
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        ims, vids = process_vision_info(messages, image_patch_size=image_patch_size)
+        images += ims or []
+        videos += vids or []
+        counts.append(len(ims or []))
+    inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
+                       padding_side=padding_side, return_tensors="pt")
     grids = inputs.get("image_grid_thw")
-    if seen and grids is not None:
+    if images and grids is not None:
         patch = processor.image_processor.patch_size
         sizes = [(int(g[2]) * patch, int(g[1]) * patch) for g in grids]
-        seen = [im if im.size == size else im.resize(size) for im, size in zip(seen, sizes)]
+        images = [im if im.size == size else im.resize(size) for im, size in zip(images, sizes)]
+    seen, first = [], 0
+    for n in counts:
+        seen.append(images[first:first + n])
+        first += n
     return inputs, seen
+
+
+def stack_inputs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch from model inputs of equal prompt length (one row each, e.g. ``synthetic_inputs`` with
+    different seeds): token tensors stacked as rows, pixel values and grids concatenated."""
+    lengths = {int(r["input_ids"].shape[1]) for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"stack_inputs needs rows of one prompt length, got {sorted(lengths)}")
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
 def load_image(path_or_image) -> Image.Image:

@@ -1,114 +1,33 @@
 """Loading models: real checkpoints (local path or hub id, as transformers loads them) and models with
 random weights built from the embedded configurations of real checkpoints (no download needed).
 
-A model spec is either a path / hub id, or ``random:NAME`` with NAME one of :data:`RANDOM_CONFIGS`
-(``random:qwen2.5-vl-7b``); ``overrides`` (``{"num_hidden_layers": 8}``, ``{"vision.depth": 2}``)
+A model spec is a path / hub id, ``toy`` (the embedded grounding model), or ``random:NAME`` with NAME one
+of :data:`RANDOM_CONFIGS` (``random:qwen2.5-vl-7b``; the shapes live in each family's file); ``overrides`` (``{"num_hidden_layers": 8}``, ``{"vision.depth": 2}``)
 change the text config, or the vision config with a ``vision.`` prefix.
 """
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tiny import TOKEN_IDS as TINY_TOKEN_IDS
+from .families import FAMILIES, family_class, random_spec
+from .tiny import TOKEN_IDS, build_processor
 
-_QWEN_TOKENS = dict(
-    image_token_id=151655,
-    video_token_id=151656,
-    vision_start_token_id=151652,
-    vision_end_token_id=151653,
-    bos_token_id=151643,
-    eos_token_id=151645,
-)
+# The embedded grounding model (trained by `ivcprune train-toy`), shipped inside the package.
+TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy-grounding"
 
-def _text(vocab, hidden, ffn, layers, heads, kv_heads, max_pos, tied, theta=1000000.0, section=(16, 24, 24)):
-    return dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_pos,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)},
-        tie_word_embeddings=tied,
-    )
-
-
-# Qwen2.5-VL vision tower (window attention, SwiGLU); the merger's output width follows the LLM.
-_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-# Qwen2-VL vision tower (full attention, QuickGELU MLP); `hidden_size` is the merger's output width.
-_QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
-                     temporal_patch_size=2, hidden_act="quick_gelu")
-
-# Shapes of released checkpoints (their config.json), so benchmarks can run with random weights.
-RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl-7b": dict(model_type="qwen2_5_vl", text=_text(152064, 3584, 18944, 28, 28, 4, 128000, False),
-                          vision=_QWEN25_VISION, tokens=_QWEN_TOKENS),
-    "qwen2.5-vl-3b": dict(model_type="qwen2_5_vl", text=_text(151936, 2048, 11008, 36, 16, 2, 128000, True),
-                          vision=_QWEN25_VISION, tokens=_QWEN_TOKENS),
-    "qwen2-vl-7b": dict(model_type="qwen2_vl", text=_text(152064, 3584, 18944, 28, 28, 4, 32768, False),
-                        vision=_QWEN2_VISION, tokens=_QWEN_TOKENS),
-    "qwen2-vl-2b": dict(model_type="qwen2_vl", text=_text(151936, 1536, 8960, 28, 12, 2, 32768, True),
-                        vision=_QWEN2_VISION, tokens=_QWEN_TOKENS),
-}
-
-# Tiny models use the ids of the project's own tokenizer (ivcprune.tiny).
-_TINY_TEXT = _text(512, 64, 128, 4, 4, 2, 4096, False, theta=10000.0, section=(2, 3, 3))
-RANDOM_CONFIGS["tiny-qwen2.5-vl"] = dict(
-    model_type="qwen2_5_vl",
-    text=_TINY_TEXT,
-    vision=dict(_QWEN25_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
-                window_size=56),
-    tokens=dict(TINY_TOKEN_IDS),
-)
-RANDOM_CONFIGS["tiny-qwen2-vl"] = dict(
-    model_type="qwen2_vl",
-    text=_TINY_TEXT,
-    vision=dict(_QWEN2_VISION, depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_act="quick_gelu"),
-    tokens=dict(TINY_TOKEN_IDS),
-)
-
-
-def _classes(model_type: str):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
-
-    return {
-        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-    }[model_type]
+# ``random:NAME`` shapes, from every family
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {name: spec for cls in FAMILIES.values()
+                                              for name, spec in cls.random_configs.items()}
 
 
 def random_config(name: str, overrides: dict[str, Any] | None = None, attn_implementation: str | None = None):
     """A transformers config with the shapes of ``name`` (see :data:`RANDOM_CONFIGS`), plus overrides."""
-    if name not in RANDOM_CONFIGS:
-        raise ValueError(f"unknown random config {name!r}; choose from {', '.join(RANDOM_CONFIGS)}")
-    spec = copy.deepcopy(RANDOM_CONFIGS[name])
-    for key, value in (overrides or {}).items():
-        part, _, field = key.rpartition(".")
-        target = {"": "text", "text": "text", "vision": "vision"}.get(part)
-        if target is None:
-            raise ValueError(f"override {key!r}: use FIELD for the text config or vision.FIELD")
-        spec[target][field] = value
-    # The vision merger must project to the LLM width.
-    out_key = "out_hidden_size" if spec["model_type"] == "qwen2_5_vl" else "hidden_size"
-    if f"vision.{out_key}" not in (overrides or {}):
-        spec["vision"][out_key] = spec["text"]["hidden_size"]
-    config_cls, _ = _classes(spec["model_type"])
-    tokens = spec["tokens"]
-    text_tokens = {k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in tokens}
-    cfg = config_cls(text_config={**spec["text"], **text_tokens}, vision_config=spec["vision"], **tokens)
+    family, spec = random_spec(name)
+    cfg = family.build_config(spec, overrides)
     if attn_implementation:
         cfg._attn_implementation = attn_implementation
     return cfg
@@ -125,11 +44,35 @@ def random_model(
 ):
     """A model with random weights and the shapes of ``name`` (nothing is downloaded)."""
     cfg = random_config(name, overrides, attn_implementation)
-    _, model_cls = _classes(cfg.model_type)
+    _, model_cls = family_class(cfg.model_type).model_classes()
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls(cfg)
     return model.to(dtype).eval()
+
+
+def tiny_model(name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02, overrides=None,
+               attn_implementation: str = "sdpa"):
+    """A tiny random-weight Qwen-VL model whose token ids match :func:`build_tokenizer`."""
+    cfg = random_config(name, overrides, attn_implementation)
+    text = cfg.get_text_config()
+    cfg.initializer_range = text.initializer_range = cfg.vision_config.initializer_range = init_std
+    _, model_cls = family_class(cfg.model_type).model_classes()
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
+def save_tiny_checkpoint(path: str | Path, name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02,
+                         overrides=None) -> Path:
+    """Write a tiny random-weight checkpoint with its processor to ``path``; returns the path."""
+    path = Path(path)
+    model = tiny_model(name, seed=seed, init_std=init_std, overrides=overrides)
+    model.generation_config.eos_token_id = TOKEN_IDS["eos_token_id"]
+    model.generation_config.pad_token_id = TOKEN_IDS["pad_token_id"]
+    model.generation_config.bos_token_id = TOKEN_IDS["bos_token_id"]
+    model.save_pretrained(path)
+    build_processor(model.config.model_type).save_pretrained(path)
+    return path
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -154,8 +97,6 @@ def resolve_model_spec(spec: str) -> str:
     """``toy`` -> the embedded grounding model's folder; any other spec unchanged."""
     if spec != "toy":
         return spec
-    from .grounding.toy import TOY_DIR
-
     if not (TOY_DIR / "config.json").exists():
         raise FileNotFoundError(f"the embedded toy model is missing ({TOY_DIR}); train it with `ivcprune train-toy`")
     return str(TOY_DIR)
@@ -191,10 +132,9 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if device_map:
         kwargs["device_map"] = device_map
-    try:
-        _, model_cls = _classes(config.model_type)
-    except KeyError:
-        model_cls = AutoModelForImageTextToText  # the adapter lookup reports unsupported families
+    family = FAMILIES.get(config.model_type)
+    # other families load as transformers would; the pruning methods report them unsupported
+    model_cls = family.model_classes()[1] if family else AutoModelForImageTextToText
     model = model_cls.from_pretrained(spec, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(spec)
     return model, processor

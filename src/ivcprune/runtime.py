@@ -33,7 +33,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import cut
-from .adapters import Adapter, Span, get_adapter
+from .families import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
 
 
@@ -71,7 +71,7 @@ class SpanInput:
     length: int
     grid: tuple[int, int, int] | None
     positions: torch.Tensor  # (A, L) rotary position ids, on the CPU
-    rope: Any  # adapters.RopeInfo
+    rope: Any  # families.RopeInfo
     row: RowInput
 
     @property

@@ -1,16 +1,11 @@
-"""A small fast tokenizer with Qwen-VL's special tokens and chat format, a real Qwen-VL processor
-around it, and tiny checkpoints (random weights) saved like any Hugging Face checkpoint.
+"""A small fast tokenizer with Qwen-VL's special tokens and chat format, and a real Qwen-VL processor
+around it (tiny checkpoints with random weights are :func:`ivcprune.models.save_tiny_checkpoint`'s).
 
 Everything here is built locally, so tests, benchmarks and demos run offline:
-``AutoProcessor.from_pretrained(dir)`` and ``Qwen2_5_VLForConditionalGeneration.from_pretrained(dir)``
-load the result exactly as they load a downloaded checkpoint.
+``AutoProcessor.from_pretrained(dir)`` loads the result exactly as it loads a downloaded checkpoint's.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-
-import torch
 
 # Same order as Qwen's added tokens, placed right after the 256 byte tokens.
 SPECIAL_TOKENS = (
@@ -109,29 +104,3 @@ def build_processor(model_type: str = "qwen2_5_vl", *, min_pixels: int = 4 * 28 
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
-
-
-def tiny_model(name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02, overrides=None,
-               attn_implementation: str = "sdpa"):
-    """A tiny random-weight Qwen-VL model whose token ids match :func:`build_tokenizer`."""
-    from .models import _classes, random_config
-
-    cfg = random_config(name, overrides, attn_implementation)
-    text = cfg.get_text_config()
-    cfg.initializer_range = text.initializer_range = cfg.vision_config.initializer_range = init_std
-    _, model_cls = _classes(cfg.model_type)
-    torch.manual_seed(seed)
-    return model_cls(cfg).eval()
-
-
-def save_tiny_checkpoint(path: str | Path, name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02,
-                         overrides=None) -> Path:
-    """Write a tiny random-weight checkpoint with its processor to ``path``; returns the path."""
-    path = Path(path)
-    model = tiny_model(name, seed=seed, init_std=init_std, overrides=overrides)
-    model.generation_config.eos_token_id = TOKEN_IDS["eos_token_id"]
-    model.generation_config.pad_token_id = TOKEN_IDS["pad_token_id"]
-    model.generation_config.bos_token_id = TOKEN_IDS["bos_token_id"]
-    model.save_pretrained(path)
-    build_processor(model.config.model_type).save_pretrained(path)
-    return path

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..grounding.data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
+from .grounding_data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
 from ..inputs import EncodedImage, read_image_field
 
 TASKS = ("mcq", "yesno", "grounding")

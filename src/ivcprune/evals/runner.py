@@ -22,11 +22,12 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..generation import sorted_batches
 from .metrics import read_records, score_records
 
 PRED = "predictions.jsonl"
@@ -69,12 +70,16 @@ def prediction_files(run_dir: Path) -> list[Path]:
     return [run_dir / PRED, *sorted(run_dir.glob(PART_GLOB))]
 
 
-def merge_parts(run_dir: Path) -> None:
-    """Fold ``predictions.part*.jsonl`` into ``predictions.jsonl`` (dataset order, one record per id)."""
+def merge_parts(run_dir: Path, *, reorder: bool = False) -> None:
+    """Fold ``predictions.part*.jsonl`` into ``predictions.jsonl`` (dataset order, one record per id);
+    ``reorder`` also puts a ``predictions.jsonl`` written out of order (batches sorted by size) in order."""
     parts = sorted(run_dir.glob(PART_GLOB))
-    if not parts:
+    if not parts and not reorder:
         return
     records = list(read_records(prediction_files(run_dir)).values())
+    positions = [r.get("pos", float("inf")) for r in records]
+    if not parts and positions == sorted(positions):
+        return
     records.sort(key=lambda r: r.get("pos", float("inf")))
     tmp = run_dir / (PRED + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -109,15 +114,24 @@ def _check_identity(run_dir: Path, info: dict[str, Any]) -> None:
                              f"choose another --out or delete it")
 
 
-def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any]], run_dir: str | Path, *,
+def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any]] | None, run_dir: str | Path, *,
                   info: dict[str, Any], total: int | None = None, progress: bool = True, dist: Dist | None = None,
-                  skipped: list | None = None) -> dict[str, Any] | None:
+                  skipped: list | None = None, batch_size: int = 1,
+                  predict_batch: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+                  order_key: Callable[[Any], Any] | None = None) -> dict[str, Any] | None:
     """Predict every sample not yet in ``run_dir`` and score the run.
 
-    ``samples`` yield objects with an ``id``; ``predict`` returns the sample's record. Returns the
-    metrics (``None`` on ranks other than 0 of a data-parallel run)."""
+    ``samples`` yield objects with an ``id``; ``predict`` returns the sample's record, ``predict_batch``
+    the records of a list of samples (either may be left out). With ``batch_size`` > 1 the samples this
+    process predicts go in batches: each window of 8 batches' worth of samples is sorted by ``order_key``
+    (e.g. image sizes: less padding) and cut into batches; a batch that raises is predicted again one
+    sample at a time, so that a bad sample is reported alone. Records are appended as each batch
+    finishes and put in dataset order at the end. Returns the metrics (``None`` on ranks other than 0 of
+    a data-parallel run)."""
     from tqdm.auto import tqdm
 
+    if predict is None and predict_batch is None:
+        raise ValueError("run_resumable needs predict or predict_batch")
     dist = dist or Dist()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,27 +146,55 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
     desc = " ".join(str(info[k]) for k in ("benchmark", "name") if info.get(k)) or "eval"
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress or dist.rank != 0)
     t0 = time.time()
-    new = 0
+    state = {"new": 0}
     failed: list[dict[str, Any]] = []
-    with open(target, "a", encoding="utf-8") as f:
+
+    def mine() -> Iterator[tuple[int, Any]]:  # (pos, sample) this process predicts; the others pass by
         for pos, sample in enumerate(samples):
-            bar.update(1)
             if pos % dist.world != dist.rank or str(sample.id) in done:
+                bar.update(1)
                 continue
-            try:
-                rec = predict(sample)
-            except Exception as e:  # noqa: BLE001 - one bad sample must not end a long run
-                if new == 0 and len(failed) + 1 >= SYSTEMATIC_FAILURES:
-                    raise  # every sample fails: a setup error, not a bad sample
-                failed.append({"id": str(sample.id), "pos": pos, "error": f"{type(e).__name__}: {e}"})
-                _release_cuda_memory()  # an out-of-memory sample must not starve the next ones
+            yield pos, sample
+
+    def one(sample) -> dict[str, Any]:
+        return predict(sample) if predict is not None else predict_batch([sample])[0]
+
+    def write(f, pos: int, sample, rec: dict[str, Any]) -> None:
+        rec["pos"] = pos
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        done.add(str(sample.id))
+        state["new"] += 1
+
+    key = (lambda ps: order_key(ps[1])) if order_key is not None else None
+    with open(target, "a", encoding="utf-8") as f:
+        for batch in sorted_batches(mine(), batch_size, key=key):
+            batch = [ps for _, ps in batch]
+            records = None
+            if len(batch) > 1:
+                try:
+                    records = (predict_batch([s for _, s in batch]) if predict_batch is not None
+                               else [predict(s) for _, s in batch])
+                except Exception:  # noqa: BLE001 - retried one by one below, where a bad sample shows
+                    _release_cuda_memory()
+            if records is not None:
+                for (pos, sample), rec in zip(batch, records, strict=True):
+                    write(f, pos, sample, rec)
+                bar.update(len(batch))
                 continue
-            rec["pos"] = pos
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            done.add(str(sample.id))
-            new += 1
+            for pos, sample in batch:
+                bar.update(1)
+                try:
+                    rec = one(sample)
+                except Exception as e:  # noqa: BLE001 - one bad sample must not end a long run
+                    if state["new"] == 0 and len(failed) + 1 >= SYSTEMATIC_FAILURES:
+                        raise  # every sample fails: a setup error, not a bad sample
+                    failed.append({"id": str(sample.id), "pos": pos, "error": f"{type(e).__name__}: {e}"})
+                    _release_cuda_memory()  # an out-of-memory sample must not starve the next ones
+                    continue
+                write(f, pos, sample, rec)
     bar.close()
+    new = state["new"]
     if dist.world > 1:  # rank 0 reports every rank's failures
         (run_dir / f"failed.part{dist.rank}.json").write_text(json.dumps(failed))
     dist.barrier()
@@ -162,7 +204,7 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
         failed = [x for r in range(dist.world) for x in json.loads((run_dir / f"failed.part{r}.json").read_text())]
         for r in range(dist.world):
             (run_dir / f"failed.part{r}.json").unlink()
-    merge_parts(run_dir)
+    merge_parts(run_dir, reorder=batch_size > 1)
     skipped = skipped or []
     failed.sort(key=lambda x: x["pos"])
     extra = {"n_skipped": len(skipped), "skipped": [s.__dict__ for s in skipped[:50]],

@@ -6,64 +6,50 @@ Prompts follow what the authors' evaluation used (VLMEvalKit's Qwen2-VL / Qwen2.
   line, then "Please select the correct answer from the options above." (the Chinese instruction when
   the prompt is Chinese);
 - yes/no: the question plus " Please answer yes or no." unless the question already asks for it (MME);
-- grounding: ``grounding.evaluate.PROMPTS`` (JSON ``bbox_2d`` for Qwen2.5-VL, ``<|box_start|>`` in a
+- grounding: the family's ``grounding_prompt`` (JSON ``bbox_2d`` for Qwen2.5-VL, ``<|box_start|>`` in a
   0-1000 frame for Qwen2-VL).
 
 Images are resized within the pixel bounds the authors configured per model and task
 (:func:`authors_pixels`; ``--min-pixels`` / ``--max-pixels`` override them). Decoding is greedy. Records carry the raw answer, the extracted prediction, correctness, the visual
-tokens kept and the time to the first token (prefill, vision encoder included).
+tokens kept and the time to the first token (prefill, vision encoder included; in a batch, the batch's
+prefill). Samples are answered in batches through :mod:`ivcprune.generation` (:func:`predict_samples`;
+:func:`predict_sample` is the batch of one); a sample's record does not depend on its batch.
 """
 
 from __future__ import annotations
 
-import re
-import time
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..bench import StepClock
-from ..inputs import build_inputs, user_message
+from ..families import FAMILIES, Family
+from ..generation import Request, generate_batch
 from ..methods import PruningMethod
 from .answers import extract_choice, extract_yes_no
 from .benchmarks import Sample
+from .grounding import grounding_record
 
-MCQ_INSTRUCTION = {"en": "Please select the correct answer from the options above.", "zh": "请直接回答选项字母。"}
-YESNO_SUFFIX = " Please answer yes or no."
-DEFAULT_MAX_NEW_TOKENS = {"grounding": 64, "mcq": 32, "yesno": 16}
-_PX = 28 * 28  # pixels of one merged visual token
+
+def _family(name: str) -> type[Family]:
+    return FAMILIES.get(name, Family)
 
 
 def authors_pixels(config, task: str) -> tuple[int, int]:
-    """``(min_pixels, max_pixels)`` of the images, as the authors' evaluation configured each model.
-
-    Qwen2.5-VL: 4 to 16384 tokens for grounding; for VQA at most 6000 tokens (7B, 28 layers) or 6384
-    (3B, 36 layers). Qwen2-VL: 1280 to 16384 tokens. Other models: qwen-vl-utils' defaults (4 to 16384).
-    """
-    model_type = getattr(config, "model_type", "")
-    if model_type == "qwen2_vl":
-        return 1280 * _PX, 16384 * _PX
-    if model_type == "qwen2_5_vl" and task != "grounding":
-        layers = config.get_text_config().num_hidden_layers
-        return 4 * _PX, (6384 if layers == 36 else 6000) * _PX
-    return 4 * _PX, 16384 * _PX
+    """``(min_pixels, max_pixels)`` of the images, as the authors' evaluation configured the model's family
+    for ``task`` (:meth:`Family.pixel_bounds`; qwen-vl-utils' defaults, 4 to 16384 tokens, elsewhere)."""
+    return _family(getattr(config, "model_type", "")).pixel_bounds(config, task)
 
 
 def mcq_prompt(sample: Sample, family: str = "qwen2_5_vl") -> str:
-    """The multiple-choice prompt (same for both Qwen-VL families)."""
-    text = f"Hint: {sample.hint}\n" if sample.hint else ""
-    text += f"Question: {sample.question}\n"
-    if sample.options:
-        text += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in sample.options.items())
-        text += MCQ_INSTRUCTION["zh" if re.search("[\u4e00-\u9fff]", text) else "en"]
-    return text.rstrip()
+    """The multiple-choice prompt of ``family`` (a model type)."""
+    return _family(family).mcq_prompt(sample.question, sample.options, sample.hint)
 
 
 def yesno_prompt(sample: Sample, family: str = "qwen2_5_vl") -> str:
-    q = sample.question.rstrip()
-    return q if re.search(r"yes\s+or\s+no", q, re.I) else q + YESNO_SUFFIX
+    """The yes/no prompt of ``family`` (a model type)."""
+    return _family(family).yesno_prompt(sample.question)
 
 
 @dataclass
@@ -75,29 +61,22 @@ class Generated:
     seen: list[Any]  # the images as the model saw them (resized)
 
 
-@torch.inference_mode()
+def generate_answers(model, processor, prompts: Sequence[tuple[Sequence[Any], str]], method: PruningMethod | None,
+                     *, max_new_tokens: int, pixels: tuple[int | None, int | None] = (None, None)) -> list[Generated]:
+    """Greedy answers to ``prompts`` (``(images, text)`` pairs, images resized within ``pixels`` = min,
+    max) under ``method``, in one batch (:func:`ivcprune.generation.generate_batch`): each answer is the
+    one its prompt gets alone."""
+    requests = [Request(images, prompt, min_pixels=pixels[0], max_pixels=pixels[1]) for images, prompt in prompts]
+    rows = generate_batch(model, processor, requests, method, max_new_tokens=max_new_tokens)
+    return [Generated(text=r.text, prefill_s=0.0 if math.isnan(r.prefill_s) else r.prefill_s, report=r.report,
+                      grid=r.grids[0] if r.grids else [0, 0, 0], seen=r.seen) for r in rows]
+
+
 def generate_answer(model, processor, images, prompt: str, method: PruningMethod | None, *,
                     max_new_tokens: int, pixels: tuple[int | None, int | None] = (None, None)) -> Generated:
     """Greedy answer to ``prompt`` about ``images`` (resized within ``pixels`` = min, max), under ``method``."""
-    from transformers import LogitsProcessorList
-
-    inputs, seen = build_inputs(processor, user_message(prompt, images, min_pixels=pixels[0], max_pixels=pixels[1]))
-    device = next(model.parameters()).device
-    inputs = inputs.to(device)
-    clock = StepClock(device)  # stamps each step once its logits exist; the first one ends prefill
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    t0 = time.perf_counter()
-    if method is not None:
-        with method(model):
-            out = model.generate(**inputs, **kw)
-        report = method.last_report
-    else:
-        out = model.generate(**inputs, **kw)
-        report = None
-    text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    grid = inputs["image_grid_thw"][0].tolist() if "image_grid_thw" in inputs else [0, 0, 0]
-    return Generated(text=text, prefill_s=clock.stamps[0] - t0 if clock.stamps else 0.0, report=report, grid=grid,
-                     seen=seen)
+    return generate_answers(model, processor, [(images, prompt)], method, max_new_tokens=max_new_tokens,
+                            pixels=pixels)[0]
 
 
 def _visual_fields(gen: Generated) -> dict[str, Any]:
@@ -146,27 +125,43 @@ def predict_sample(model, processor, sample: Sample, method: PruningMethod | Non
                    pixels: tuple[int | None, int | None] = (None, None), picture=None) -> dict[str, Any]:
     """Answer one sample and judge it; the record the run's predictions file gets. With ``picture`` (a
     path), a pruned sample's kept tokens are drawn there too (:func:`save_picture`)."""
-    rec, gen = _predict(model, processor, sample, method, family=family, max_new_tokens=max_new_tokens,
-                        prompt_template=prompt_template, pixels=pixels)
-    if picture is not None:
-        save_picture(picture, model, sample, gen, rec)
-    return rec
+    return predict_samples(model, processor, [sample], method, family=family, max_new_tokens=max_new_tokens,
+                           prompt_template=prompt_template, pixels=pixels, pictures=[picture])[0]
 
 
-def _predict(model, processor, sample: Sample, method: PruningMethod | None, *, family: str,
-             max_new_tokens: int | None, prompt_template: str | None, pixels: tuple[int | None, int | None]
-             ) -> tuple[dict[str, Any], Generated]:
+# answer length per task where --max-new-tokens is not given
+DEFAULT_MAX_NEW_TOKENS = {"grounding": 64, "mcq": 32, "yesno": 16}
+
+
+def predict_samples(model, processor, samples: Sequence[Sample], method: PruningMethod | None, *, family: str,
+                    max_new_tokens: int | None = None, prompt_template: str | None = None,
+                    pixels: tuple[int | None, int | None] = (None, None), pictures: Sequence[Any] | None = None
+                    ) -> list[dict[str, Any]]:
+    """:func:`predict_sample` for several samples, answered in batches (one per answer length); every
+    record equals the one its sample gets alone (timings aside). ``pictures``: a path or ``None`` per
+    sample."""
+    prompts = [sample_prompt(s, family, prompt_template) for s in samples]
+    limits = [max_new_tokens or DEFAULT_MAX_NEW_TOKENS[s.task] for s in samples]
+    gens: list[Generated | None] = [None] * len(samples)
+    for limit in dict.fromkeys(limits):
+        rows = [i for i, n in enumerate(limits) if n == limit]
+        answers = generate_answers(model, processor, [(samples[i].images, prompts[i]) for i in rows], method,
+                                   max_new_tokens=limit, pixels=pixels)
+        for i, gen in zip(rows, answers, strict=True):
+            gens[i] = gen
+    records = []
+    for i, (sample, gen) in enumerate(zip(samples, gens, strict=True)):
+        rec = sample_record(model, sample, gen, family)
+        if pictures is not None and pictures[i] is not None:
+            save_picture(pictures[i], model, sample, gen, rec)
+        records.append(rec)
+    return records
+
+
+def sample_prompt(sample: Sample, family: str, prompt_template: str | None = None) -> str:
+    """The prompt text of a sample (the task's prompt, through ``prompt_template`` when given)."""
     if sample.task == "grounding":
-        from ..grounding.evaluate import grounding_prompt, grounding_record
-
-        template = prompt_template or grounding_prompt(family)
-        gen = generate_answer(model, processor, sample.images, template.format(ref=sample.question), method,
-                              max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["grounding"], pixels=pixels)
-        patch = model.config.vision_config.patch_size
-        resized = (gen.grid[2] * patch, gen.grid[1] * patch)
-        rec = grounding_record(sample.id, sample.question, gen.text, sample.answer, family, resized,
-                               sample.images[0].size, kind=sample.meta.get("kind"))
-        return {**rec, **_visual_fields(gen)}, gen
+        return (prompt_template or _family(family).grounding_prompt).format(ref=sample.question)
     if sample.task == "mcq":
         prompt = mcq_prompt(sample, family)
     elif sample.task == "yesno":
@@ -175,10 +170,26 @@ def _predict(model, processor, sample: Sample, method: PruningMethod | None, *, 
         raise ValueError(f"unknown task {sample.task!r}")
     if prompt_template:
         prompt = prompt_template.format(prompt=prompt, question=sample.question)
-    gen = generate_answer(model, processor, sample.images, prompt, method,
-                          max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[sample.task], pixels=pixels)
+    return prompt
+
+
+def sample_record(model, sample: Sample, gen: Generated, family: str) -> dict[str, Any]:
+    """Judge a sample's answer: the record of the predictions file."""
+    if sample.task == "grounding":
+        patch = model.config.vision_config.patch_size
+        resized = (gen.grid[2] * patch, gen.grid[1] * patch)
+        rec = grounding_record(sample.id, sample.question, gen.text, sample.answer, family, resized,
+                               sample.images[0].size, kind=sample.meta.get("kind"))
+        return {**rec, **_visual_fields(gen)}
     pred = extract_choice(gen.text, sample.options) if sample.task == "mcq" else extract_yes_no(gen.text)
     rec = {"id": sample.id, "task": sample.task, "answer": gen.text, "pred": pred, "gt": sample.answer,
            "correct": pred == sample.answer}
     rec.update({k: sample.meta[k] for k in ("category", "l2_category", "split", "image_key") if k in sample.meta})
-    return {**rec, **_visual_fields(gen)}, gen
+    return {**rec, **_visual_fields(gen)}
+
+
+def sample_size(sample: Sample) -> tuple:
+    """Sort key that puts samples of equal image sizes next to each other (batches with little padding);
+    reads image headers only."""
+    sizes = tuple(tuple(im.size) for im in sample.images)
+    return (len(sizes), sum(w * h for w, h in sizes), sizes)

@@ -23,8 +23,12 @@ Model arguments (``--model_args``, comma-separated ``key=value``):
   holding it (the chat template's default otherwise);
 - ``prune_log``: a JSONL file to which one line per request is appended (task, doc id, visual tokens kept).
 
-Requests run one at a time (``--batch_size 1``, the only size pruning supports): ``generate_until``,
-``generate_until_multi_round`` and ``loglikelihood``. (lmms-eval 0.7.3 itself turns every model's
+``generate_until`` runs ``--batch_size N`` requests at a time (default 1) through
+:func:`ivcprune.generation.generate_batch`: requests with the same generation kwargs are batched together,
+each window of 8 batches sorted by image size (less padding), left-padded; every answer equals the one
+its request gets with batch size 1 (greedy decoding; sampling draws differ with the batch).
+``generate_until_multi_round`` (each round depends on the last answer) and ``loglikelihood`` run one
+request at a time whatever the batch size. (lmms-eval 0.7.3 itself turns every model's
 loglikelihood results into strings before its ``multiple_choice`` / ``loglikelihood`` tasks score them,
 so those task types fail there whatever the model.) Videos (paths from ``doc_to_visual``) take
 qwen-vl-utils' default sampling and size.
@@ -40,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +59,9 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("the lmms-eval integration needs lmms-eval: pip install 'ivcprune[lmms-eval]'") from err
 
-from ..adapters import get_adapter
-from ..inputs import build_inputs, user_message
+from ..families import get_adapter
+from ..generation import Generation, Request, generate_batch, sorted_batches
+from ..inputs import build_inputs
 from ..methods import PruningMethod, make_method, method_names
 from ..models import load_model, resolve_model_spec
 
@@ -141,6 +147,20 @@ def split_visuals(visuals: Any) -> tuple[list[Any], list[str]]:
     return images, videos
 
 
+def parse_batch_size(value: int | str | None) -> int:
+    """lmms-eval's ``--batch_size`` (an int, or its text) -> a positive int; ``auto`` is not supported."""
+    text = str(value if value is not None else 1)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MODEL_NAME}: batch_size must be a positive integer, got {value!r}")
+    return int(text)
+
+
+def visual_size(visuals: Any) -> tuple[int, int]:
+    """Sort key of a request's visuals: (count, pixels of its PIL images); paths count as 0 pixels."""
+    items = visuals if isinstance(visuals, (list, tuple)) else [] if visuals is None else [visuals]
+    return len(items), sum(v.width * v.height for v in items if isinstance(v, Image.Image))
+
+
 class IVCPruneLMM(lmms):
     """lmms-eval model: a Qwen2-VL / Qwen2.5-VL checkpoint answering under a pruning method.
 
@@ -171,8 +191,7 @@ class IVCPruneLMM(lmms):
         super().__init__()
         if pretrained is None:
             raise ValueError("--model_args pretrained=PATH is required (a local path, a hub id or toy)")
-        if str(batch_size if batch_size is not None else 1) != "1":
-            raise ValueError(f"{MODEL_NAME} prunes one prompt at a time: batch_size must be 1, got {batch_size!r}")
+        self._batch_size = parse_batch_size(batch_size)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # data parallel (torchrun / accelerate launch): lmms-eval has set up the process group, shards
             # the documents by rank and gathers the results; each process holds the whole model
@@ -226,7 +245,7 @@ class IVCPruneLMM(lmms):
 
     @property
     def batch_size(self) -> int:
-        return 1
+        return self._batch_size
 
     @property
     def mean_kept_visual_ratio(self) -> float | None:
@@ -236,15 +255,36 @@ class IVCPruneLMM(lmms):
 
     # -- requests ----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        answers = []
-        for req in tqdm(requests, desc=MODEL_NAME, disable=self.rank != 0):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            doc = self.task_dict[task][split][doc_id]
-            answer = self.answer(context, doc_to_visual(doc), gen_kwargs, where=(task, split, doc_id))
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
-            answers.append(answer)
+        """Answers in request order; ``batch_size`` requests with the same generation kwargs at a time."""
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):  # batch size 1 keeps the request order
+            key = json.dumps(req.args[1], sort_keys=True, default=str) if self.batch_size > 1 else ""
+            groups.setdefault(key, []).append(i)
+        bar = tqdm(total=len(requests), desc=MODEL_NAME, disable=self.rank != 0)
+        for indices in groups.values():
+            loaded = ((i, requests[i], self._visuals(requests[i])) for i in indices)
+            # visuals are loaded one window at a time, sorted by size within it, cut into batches
+            for batch in sorted_batches(loaded, self.batch_size, key=lambda item: visual_size(item[2])):
+                chosen = [item for _, item in batch]
+                texts = self.answer_batch([(req.args[0], visuals) for _, req, visuals in chosen],
+                                          chosen[0][1].args[1], [self._where(req) for _, req, _ in chosen])
+                for (i, req, _), text in zip(chosen, texts, strict=True):
+                    self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
+                    answers[i] = text
+                bar.update(len(chosen))
+        bar.close()
         self._log_summary()
         return answers
+
+    @staticmethod
+    def _where(req: Instance) -> tuple[str, str, Any]:
+        _, _, _, doc_id, task, split = req.args
+        return task, split, doc_id
+
+    def _visuals(self, req: Instance) -> Any:
+        _, _, doc_to_visual, doc_id, task, split = req.args
+        return doc_to_visual(self.task_dict[task][split][doc_id])
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """Each round is a fresh prompt that the task's ``doc_to_text`` builds from the earlier answers."""
@@ -291,19 +331,35 @@ class IVCPruneLMM(lmms):
         self._log_summary()
         return results
 
-    # -- one prompt --------------------------------------------------------------------------------
-    def prepare(self, context: str, visuals: Any) -> dict[str, torch.Tensor]:
-        """Model inputs for one request: one user turn, the visuals first, then the text."""
+    # -- prompts ---------------------------------------------------------------------------------------
+    def request(self, context: str, visuals: Any) -> Request:
+        """One user turn: the visuals first, then the text (after the system turn, if any)."""
         images, videos = split_visuals(visuals)
         prompt = context.replace("<image>", "")  # the visuals are placed by the chat template
-        messages = user_message(prompt, images, videos, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return Request(images, prompt, videos=videos, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                       system_prompt=self.system_prompt)
+
+    def prepare(self, context: str, visuals: Any) -> dict[str, torch.Tensor]:
+        """Model inputs for one request (batch of one)."""
         patch = self._model.config.vision_config.patch_size
-        inputs, _ = build_inputs(self.processor, messages, image_patch_size=patch)
+        inputs, _ = build_inputs(self.processor, self.request(context, visuals).messages(), image_patch_size=patch)
         return inputs.to(self._device)
 
-    @torch.inference_mode()
+    def answer_batch(self, prompts: Sequence[tuple[str, Any]], gen_kwargs: dict[str, Any] | None = None,
+                     where: Sequence[tuple[str, str, Any] | None] | None = None) -> list[str]:
+        """Answers to ``(context, visuals)`` prompts generated together (one set of generation kwargs),
+        each cut at the stop strings; records a report per prompt."""
+        kwargs, stops = generation_settings(gen_kwargs, self.max_new_tokens)
+        if self.method is not None and kwargs.get("num_beams", 1) > 1:
+            raise ValueError(f"{MODEL_NAME} prunes one sequence at a time: num_beams must be 1 with pruning")
+        rows: list[Generation] = generate_batch(
+            self._model, self.processor, [self.request(c, v) for c, v in prompts], self.method, clock=False,
+            decode_kwargs={"skip_special_tokens": True, "clean_up_tokenization_spaces": False}, **kwargs)
+        where = where or [None] * len(rows)
+        for row, place in zip(rows, where, strict=True):
+            self._record(row.prompt_ids, place, row.report)
+        return [cut_at_stops(row.text, stops) for row in rows]
+
     def answer(
         self,
         context: str,
@@ -312,20 +368,7 @@ class IVCPruneLMM(lmms):
         where: tuple[str, str, Any] | None = None,
     ) -> str:
         """Generate under the pruning method, decode, cut at the stop strings; records a report."""
-        kwargs, stops = generation_settings(gen_kwargs, self.max_new_tokens)
-        if self.method is not None and kwargs.get("num_beams", 1) > 1:
-            raise ValueError(f"{MODEL_NAME} prunes one sequence at a time: num_beams must be 1 with pruning")
-        inputs = self.prepare(context, visuals)
-        if self.method is None:
-            out = self._model.generate(**inputs, **kwargs)
-        else:
-            self.method.last_report = None
-            with self.method(self._model):
-                out = self._model.generate(**inputs, **kwargs)
-        self._record(inputs["input_ids"][0], where)
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return cut_at_stops(text, stops)
+        return self.answer_batch([(context, visuals)], gen_kwargs, [where])[0]
 
     @torch.inference_mode()
     def continuation_logprob(
@@ -349,13 +392,12 @@ class IVCPruneLMM(lmms):
                 if i + 1 < len(ids):
                     step = torch.tensor([[token]], device=self._device)
                     out = self._model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        self._record(inputs["input_ids"][0], where)
+        self._record(inputs["input_ids"][0], where, self.method.last_report if self.method is not None else None)
         return total, greedy
 
-    def _record(self, input_ids: torch.Tensor, where: tuple[str, str, Any] | None) -> None:
+    def _record(self, input_ids: torch.Tensor, where: tuple[str, str, Any] | None, report) -> None:
         cfg = self._model.config
         visual = int(((input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)).sum())
-        report = self.method.last_report if self.method is not None else None
         kept = report.visual_kept if report is not None and report.spans else visual
         task, split, doc_id = where if where is not None else (None, None, None)
         entry = {
@@ -388,5 +430,7 @@ __all__ = [
     "build_method",
     "cut_at_stops",
     "generation_settings",
+    "parse_batch_size",
     "split_visuals",
+    "visual_size",
 ]

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import selection as sel
-from ..adapters import Adapter, get_adapter
+from ..families import Adapter, get_adapter
 from ..report import PruneReport
 from ..runtime import Needs, Pruner, SpanInput, SpanSelection
 

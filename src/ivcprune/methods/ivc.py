@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import selection as sel
-from ..adapters import Adapter
+from ..families import Adapter
 from ..runtime import Needs, SpanInput, SpanSelection
 from .base import PruningMethod, check_choice, check_ratio, paper_layer
 
@@ -95,7 +95,7 @@ class IVCPrune(PruningMethod):
     foreground_ratio: float | None = None
     softmax_domain: str | None = field(default=None, metadata={"choices": DOMAINS})
     ivc_statistic: str = field(default="authors", metadata={"choices": sel.IVC_STATISTICS})
-    numerics: str = field(default="ours", metadata={"choices": getattr(sel, "NUMERICS", ("ours",))})
+    numerics: str = field(default="ours", metadata={"choices": sel.NUMERICS})
     ablation: str | None = field(default=None, metadata={"choices": ABLATIONS[1:]})
     query_offset: int = 2
 
@@ -109,7 +109,7 @@ class IVCPrune(PruningMethod):
         if self.softmax_domain is not None:
             check_choice("softmax_domain", self.softmax_domain, DOMAINS)
         check_choice("ivc_statistic", self.ivc_statistic, sel.IVC_STATISTICS)
-        check_choice("numerics", self.numerics, getattr(sel, "NUMERICS", ("ours",)))
+        check_choice("numerics", self.numerics, sel.NUMERICS)
         check_choice("ablation", self.ablation, ABLATIONS)
         if isinstance(self.query_offset, bool) or not isinstance(self.query_offset, int) or self.query_offset < 0:
             raise ValueError(f"query_offset must be a non-negative int, got {self.query_offset!r}")
@@ -150,7 +150,8 @@ class IVCPrune(PruningMethod):
             rope = span.rope
             cos_s, sin_s = sel.ivc_scores(
                 span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
-                statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, **_numerics(config),
+                statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, numerics=config["numerics"],
+                model_dtype=rope.dtype,
             )
             if ablation == "ivc_only":
                 ranked = [sel.stable_topk(s, L) for s in (cos_s, sin_s)]
@@ -181,11 +182,8 @@ class IVCPrune(PruningMethod):
         row = span.row
         queries = span.text_after(config["query_offset"])
         values = row.values
-        kwargs: dict[str, Any] = _numerics(config)
+        kwargs: dict[str, Any] = {"numerics": config["numerics"]}
         if config["softmax_domain"] == "sequence":
             kwargs.update(sequence_values=values, span_start=span.local_start)
         return sel.foreground_scores(span.visual_values, values[:, queries.to(values.device)], n_seed, **kwargs)
 
-
-def _numerics(config):  # TEMP until selection grows the keyword
-    return {} if config["numerics"] == "ours" else {"numerics": config["numerics"]}

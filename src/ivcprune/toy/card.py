@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import synth
-from .evaluate import comparison_markdown, run_cells
-from .toy import NUMBER_TOKENS
+from ..evals import synth
+from ..evals.grounding import comparison_markdown, run_cells
+from .train import NUMBER_TOKENS
 
 
 def learning_curve_markdown(history: list[dict]) -> str:
@@ -63,7 +63,7 @@ def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: 
         "",
         "## Data",
         "",
-        "`ivcprune.grounding.synth`: 448x448 images with 3-6 objects (circle, square, triangle, star, diamond x "
+        "`ivcprune.evals.synth`: 448x448 images with 3-6 objects (circle, square, triangle, star, diamond x "
         "red, green, blue, yellow, purple, orange x "
         + " / ".join(f"{k} ({lo}-{hi} px)" for k, (lo, hi) in synth.SIZES.items())
         + ") on a noisy background with grey clutter; "

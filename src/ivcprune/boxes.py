@@ -69,11 +69,15 @@ def parse_qwen2_box(text: str) -> Box | None:
     return _ordered(m.groups()) if m else None
 
 
-def parse_box(text: str, style: str = "qwen2_5_vl") -> Box | None:
-    """Parse an answer in the style of a model family (``qwen2_5_vl`` or ``qwen2_vl``)."""
-    if style == "qwen2_vl":
-        return parse_qwen2_box(text)
-    return parse_qwen25_box(text)
+PARSERS = {"bbox_2d": parse_qwen25_box, "box_tokens": parse_qwen2_box}
+
+
+def parse_box(text: str, box_format: str = "bbox_2d") -> Box | None:
+    """Parse an answer in a box format (a family's ``box_format``): ``bbox_2d`` (JSON, Qwen2.5-VL) or
+    ``box_tokens`` (``(x1,y1),(x2,y2)``, Qwen2-VL)."""
+    if box_format not in PARSERS:
+        raise ValueError(f"unknown box format {box_format!r}; choose from {', '.join(PARSERS)}")
+    return PARSERS[box_format](text)
 
 
 def scale_box(box: Box, sx: float, sy: float) -> Box:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..models import TOY_DIR
 from ..tiny import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS
-from . import synth
-
-TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-grounding"
+from ..evals import synth
 
 
 @dataclass
@@ -397,7 +396,7 @@ def _cosine(step: int, steps: int, warmup: int, lr: float, min_ratio: float) -> 
 @torch.no_grad()
 def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> dict[str, float]:
     from ..inputs import build_inputs, user_message
-    from .boxes import iou, parse_qwen25_box
+    from ..boxes import iou, parse_qwen25_box
 
     model.eval()
     hits, ious, parsed = 0, 0.0, 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..inputs import EncodedImage, as_rgb, read_image_field
-from .boxes import Box
+from ..boxes import Box
 from . import synth
 
 # TSV ground-truth frames: original pixels, or the authors' Qwen2.5-VL variant where both sides were

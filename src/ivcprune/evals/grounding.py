@@ -1,0 +1,71 @@
+"""Grounding (Acc@0.5): judging one answer in the family's box format and frame, and the grounding table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..boxes import iou, parse_box
+from ..families import family_class
+from .metrics import grounding_metrics, read_records
+
+
+def to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tuple[int, int]):
+    """A box in the answer frame of family ``style`` (a model type) -> original image pixels."""
+    if box is None:
+        return None
+    W, H = original_wh
+    if family_class(style).box_frame == "1000":
+        sx, sy = W / 1000.0, H / 1000.0
+    else:
+        sx, sy = W / resized_wh[0], H / resized_wh[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def grounding_record(sample_id: str, ref: str, text: str, gt, style: str, resized_wh: tuple[int, int],
+                     original_wh: tuple[int, int], kind: str | None = None) -> dict[str, Any]:
+    """Judge one grounding answer: parse the box in the model's frame, map it to original pixels, IoU."""
+    raw_box = parse_box(text, family_class(style).box_format)
+    box = to_original(raw_box, style, resized_wh, original_wh)
+    value = iou(box, gt)
+    return {
+        "id": sample_id,
+        "task": "grounding",
+        "ref": ref,
+        "answer": text,
+        "box_model": list(raw_box) if raw_box else None,
+        "box": [round(v, 2) for v in box] if box else None,
+        "gt": [round(v, 2) for v in gt],
+        "iou": round(value, 6),
+        "hit": value >= 0.5,
+        "kind": kind,
+        "resized": list(resized_wh),
+    }
+
+
+def score_predictions(pred_path: str | Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics from a predictions file alone (last record per id wins)."""
+    recs = list(read_records([Path(pred_path)]).values())
+    return {**(info or {}), **grounding_metrics(recs)}
+
+
+def run_cells(r: dict[str, Any]) -> str:
+    """The leading cells of a run's table row: method label, budget and K ("-" for the unpruned run)."""
+    pruned = r.get("method") != "none"
+    return f"| {r.get('label', r.get('method'))} | {r.get('budget') if pruned else '-'} | {r.get('layer') if pruned else '-'} |"
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table over several runs; relative accuracy against the unpruned run when there is one."""
+    base = next((r for r in rows if r.get("method") == "none"), None)
+    lines = [
+        "| method | budget | K | Acc@0.5 | rel. to unpruned | mean IoU | kept visual | unparseable | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rel = f"{100 * r['accuracy'] / base['accuracy']:.1f}%" if base and base["accuracy"] else "n/a"
+        lines.append(
+            f"{run_cells(r)} {100 * r['accuracy']:.1f} | {rel} "
+            f"| {r['mean_iou']:.3f} | {100 * r['mean_kept_visual_ratio']:.1f}% | {r['n_unparseable']} | {r['n']} |"
+        )
+    return "\n".join(lines)

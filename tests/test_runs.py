@@ -67,14 +67,15 @@ def test_every_format_end_to_end(data, tmp_path, capsys):
 def test_metrics_from_scripted_answers(data, tmp_path, monkeypatch):
     """The scoring path on known answers: MME acc / acc+, circular MMBench, POPE F1, by hand."""
     script: list[str] = []
-    real = tasks.generate_answer
+    real = tasks.generate_answers
 
-    def scripted(model, processor, images, prompt, method, *, max_new_tokens, pixels):
-        gen = real(model, processor, images, prompt, method, max_new_tokens=1, pixels=pixels)
-        gen.text = script.pop(0)
-        return gen
+    def scripted(model, processor, prompts, method, *, max_new_tokens, pixels):
+        gens = real(model, processor, prompts, method, max_new_tokens=1, pixels=pixels)
+        for gen in gens:
+            gen.text = script.pop(0)
+        return gens
 
-    monkeypatch.setattr(tasks, "generate_answer", scripted)
+    monkeypatch.setattr(tasks, "generate_answers", scripted)
     script[:] = ["Yes", "No", "Yes.", "yes", "I don't know", "No"]
     assert _eval(tmp_path / "mme", str(data["mme"])) == 0
     m = json.loads((tmp_path / "mme" / "metrics.json").read_text())
@@ -104,7 +105,7 @@ def test_resume_after_crash(data, tmp_path, monkeypatch, capsys):
     args = ("--method", "ivc", "--budget", "0.5")
     assert _eval(ref, str(data["pope"]), *args) == 0
     calls = {"n": 0}
-    real = tasks.generate_answer
+    real = tasks.generate_answers
 
     def dying(*a, **kw):
         calls["n"] += 1
@@ -112,10 +113,10 @@ def test_resume_after_crash(data, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of the fourth sample
         return real(*a, **kw)
 
-    monkeypatch.setattr(tasks, "generate_answer", dying)
+    monkeypatch.setattr(tasks, "generate_answers", dying)
     with pytest.raises(KeyboardInterrupt):
         _eval(out, str(data["pope"]), *args)
-    monkeypatch.setattr(tasks, "generate_answer", real)
+    monkeypatch.setattr(tasks, "generate_answers", real)
     assert len(_records(out)) == 3
     with open(out / "predictions.jsonl", "a") as f:
         f.write('{"id": "3", "task": "yesno", "ans')  # the line a kill cut short
@@ -247,16 +248,16 @@ def test_compare_table(tmp_path, capsys):
 
 
 def test_failing_samples_are_reported_and_retried(data, tmp_path, monkeypatch):
-    real = tasks.generate_answer
+    real = tasks.generate_answers
     state = {"calls": 0}
 
-    def flaky(model, processor, images, prompt, method, **kw):
+    def flaky(model, processor, prompts, method, **kw):
         state["calls"] += 1
         if state["calls"] in (3, 5):  # the 3rd and 5th samples: e.g. images the processor refuses
             raise ValueError("absurd aspect ratio")
-        return real(model, processor, images, prompt, method, **kw)
+        return real(model, processor, prompts, method, **kw)
 
-    monkeypatch.setattr(tasks, "generate_answer", flaky)
+    monkeypatch.setattr(tasks, "generate_answers", flaky)
     out = tmp_path / "f"
     assert _eval(out, str(data["pope"])) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -270,6 +271,6 @@ def test_failing_samples_are_reported_and_retried(data, tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("wrong setup")
 
-    monkeypatch.setattr(tasks, "generate_answer", broken)  # every sample fails: the error surfaces
+    monkeypatch.setattr(tasks, "generate_answers", broken)  # every sample fails: the error surfaces
     with pytest.raises(RuntimeError, match="wrong setup"):
         main(["eval", "--model", "toy", "--data", str(data["mme"]), "--out", str(tmp_path / "g"), "--quiet"])

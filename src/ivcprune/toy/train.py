@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ..models import TOY_DIR
 from ..tiny import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS
 from ..evals import synth
 

@@ -8,24 +8,33 @@ PIP := $(PY) -m pip --no-cache-dir
 # the ranges of pyproject.toml works for users.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# the package and what the demo needs
+$(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q $(TORCH_PINS) -e .
+	touch $@
+
+# ...plus the test extras (pytest, hypothesis, ruff, lmms-eval, accelerate)
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(PIP) install -q $(TORCH_PINS) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check src tests scripts
+
+test: lint
 	$(PY) -m pytest -q
 
-demo: venv
+demo: $(VENV)/.installed-core
 	$(PY) -m ivcprune.demo
 
-bench: venv
+bench: $(VENV)/.installed-core
 	$(VENV)/bin/ivcprune bench --model random:qwen2.5-vl-7b --set num_hidden_layers=8 --image-tokens 1024
 
 clean:

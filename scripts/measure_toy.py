@@ -22,8 +22,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ivcprune.toy.card import write_card
     from ivcprune.models import TOY_DIR
+    from ivcprune.toy.card import write_card
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(TOY_DIR))

@@ -33,17 +33,18 @@ def masked_reference(model, keep: torch.Tensor, layer: int):
             kv = past + q
             if past == 0:
                 prompt_len = q
-            key_ok = torch.ones(kv, dtype=torch.bool)
-            prompt_keep = torch.zeros(prompt_len, dtype=torch.bool)
-            prompt_keep[keep] = True
+            device = hidden.device  # masks live with the hidden states (CPU, CUDA), in their dtype
+            key_ok = torch.ones(kv, dtype=torch.bool, device=device)
+            prompt_keep = torch.zeros(prompt_len, dtype=torch.bool, device=device)
+            prompt_keep[torch.as_tensor(keep, device=device)] = True
             is_prefill = past == 0
             if not is_prefill or idx >= layer:
                 key_ok[:prompt_len] = prompt_keep
-            rows = torch.arange(past, past + q)[:, None]
-            cols = torch.arange(kv)[None, :]
+            rows = torch.arange(past, past + q, device=device)[:, None]
+            cols = torch.arange(kv, device=device)[None, :]
             allowed = (cols <= rows) & key_ok[None, :]
             dtype = hidden.dtype
-            mask = torch.zeros(1, 1, q, kv, dtype=dtype)
+            mask = torch.zeros(1, 1, q, kv, dtype=dtype, device=device)
             mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
             kwargs["attention_mask"] = mask
             return args, kwargs

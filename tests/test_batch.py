@@ -12,11 +12,11 @@ import threading
 import pytest
 import torch
 
-from conftest import batch_inputs, make_inputs, make_model, mixed_rows
-from reference import masked_reference
-
 from ivcprune import IVCPrune, RandomPrune
 from ivcprune.methods import REGISTRY, make_method
+
+from conftest import batch_inputs, make_inputs, make_model, mixed_rows
+from reference import masked_reference
 
 ATOL = 2e-4
 N_NEW = 4

@@ -71,17 +71,21 @@ def test_build_inputs_is_the_batch_of_one(toy):
     _, processor = toy
     s = [make_sample(0, "test", i) for i in range(2)]
     conversations = [user_message(s[0].question, [s[0].image]), user_message("Hi.", [s[1].image.resize((280, 196))])]
-    one, seen = build_inputs(processor, conversations[0])
     batch, seen_batch = build_batch_inputs(processor, conversations)
-    assert torch.equal(one["pixel_values"], batch["pixel_values"][: one["pixel_values"].shape[0]])
     mask = batch["attention_mask"]
-    assert mask[0].all() and not mask[1, 0] and mask[1, -1]  # left padding
-    n = int(mask[1].sum())
-    assert torch.equal(batch["input_ids"][0], one["input_ids"][0])
-    assert [im.size for im in seen] == [(448, 448)] and [[im.size for im in r] for r in seen_batch] == \
-        [[(448, 448)], [(280, 196)]]
-    alone, _ = build_inputs(processor, conversations[1])
-    assert torch.equal(batch["input_ids"][1, -n:], alone["input_ids"][0])
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] != lengths[1] and mask[:, -1].all()
+    assert not mask[lengths.index(min(lengths)), 0]  # the shorter row is padded on the left
+    first = 0
+    for row, conversation in enumerate(conversations):
+        alone, seen = build_inputs(processor, conversation)
+        n = lengths[row]
+        assert torch.equal(batch["input_ids"][row, -n:], alone["input_ids"][0])
+        assert torch.equal(batch["image_grid_thw"][row], alone["image_grid_thw"][0])
+        pixels = alone["pixel_values"]
+        assert torch.equal(batch["pixel_values"][first:first + pixels.shape[0]], pixels)
+        first += pixels.shape[0]
+        assert [im.size for im in seen] == [im.size for im in seen_batch[row]]
 
 
 def test_stack_inputs_and_sorted_batches():

@@ -6,12 +6,13 @@ import base64
 
 import pytest
 
-from benchfix import b64_image, mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet, write_tsv
 from ivcprune.evals.answers import extract_choice, extract_yes_no
 from ivcprune.evals.benchmarks import detect_task, load_benchmark, read_refcoco_parquet, read_vqa_tsv
 from ivcprune.evals.metrics import mcq_metrics, score_records, yesno_metrics
 from ivcprune.evals.tasks import mcq_prompt, yesno_prompt
 from ivcprune.inputs import EncodedImage
+
+from benchfix import b64_image, mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet, write_tsv
 
 OPTS = {"A": "red", "B": "green", "C": "blue", "D": "dark red"}
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import batch_inputs, make_inputs, make_model
-
 from ivcprune import RandomPrune, cut
+
+from conftest import batch_inputs, make_inputs, make_model
 
 
 @st.composite
@@ -62,6 +62,9 @@ def test_attention_mask_equals_a_loop(B, q_len, past, data):
     sdpa = cut.attention_mask(valid, q_len, attn_implementation="sdpa", dtype=torch.float32, device="cpu")
     eager = cut.attention_mask(valid, q_len, attn_implementation="eager", dtype=torch.float16, device="cpu")
     flash = cut.attention_mask(valid, q_len, attn_implementation="flash_attention_2", dtype=torch.float32, device="cpu")
+    if past == 0 and bool(valid.all()):
+        assert sdpa is None  # plain causal attention: sdpa's is_causal path
+        sdpa = cut.attention_mask(valid, q_len, attn_implementation="eager", dtype=torch.float32, device="cpu") == 0
     assert sdpa.shape == (B, 1, q_len, T) and sdpa.dtype == torch.bool
     for b in range(B):
         for i in range(q_len):

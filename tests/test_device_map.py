@@ -7,13 +7,13 @@ import json
 
 import torch
 
-from benchfix import mmbench_tsv
 from ivcprune.cli import main
 from ivcprune.evals.synth import make_sample
 from ivcprune.inputs import build_inputs, user_message
-from ivcprune.methods import make_method
+from ivcprune.methods import make_method, preset_for
 from ivcprune.models import load_model, resolve_model_spec
-from ivcprune.methods import preset_for
+
+from benchfix import mmbench_tsv
 
 
 def _generate(model, inputs, method):

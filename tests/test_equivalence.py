@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ivcprune import IVCPrune, RandomPrune
+
 from conftest import make_inputs, make_model
 from reference import masked_reference
-
-from ivcprune import IVCPrune, RandomPrune
 
 ATOL = 2e-4
 

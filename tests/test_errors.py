@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs
-
 from ivcprune import (
     IVCPrune,
     RandomPrune,
@@ -14,6 +12,8 @@ from ivcprune import (
     UnsupportedModelError,
     make_method,
 )
+
+from conftest import make_inputs
 
 
 @pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.01, 2])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ivcprune.boxes import iou, parse_box, parse_qwen2_box, parse_qwen25_box
 from ivcprune.evals import synth
-from ivcprune.evals.grounding_data import read_grounding_tsv, write_grounding_tsv, GroundingItem
+from ivcprune.evals.grounding_data import GroundingItem, read_grounding_tsv, write_grounding_tsv
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,8 @@ def test_parse_qwen25_answers(text, box):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "I cannot find it.", '{"bbox_2d": [1, 2, 3]}', '```json\n[{"label": "dog"}]\n```', '{"bbox_2d": "none"}', None],
+    ["", "I cannot find it.", '{"bbox_2d": [1, 2, 3]}', '```json\n[{"label": "dog"}]\n```', '{"bbox_2d": "none"}',
+     None],
 )
 def test_parse_qwen25_malformed(text):
     assert parse_qwen25_box(text) is None

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import make_inputs
-
 from ivcprune import IVCPrune, RandomPrune, get_adapter, preset_for
+
+from conftest import make_inputs
 
 
 def test_paper_presets():

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import make_inputs, make_model
-
 from ivcprune import SpanSelection, register
 from ivcprune.cli import build_parser
 from ivcprune.families import FAMILIES, family_class, get_adapter
 from ivcprune.methods import REGISTRY, PruningMethod, knob_fields, make_method, method_label, method_names
 from ivcprune.models import RANDOM_CONFIGS, random_config
+
+from conftest import make_inputs, make_model
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import make_inputs, make_model
-from reference import reference_selection
-
 from ivcprune import IVCPrune
 from ivcprune import selection as sel
+
+from conftest import make_inputs, make_model
+from reference import reference_selection
 
 
 def test_ratio_count_rounds_like_python_round():

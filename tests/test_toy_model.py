@@ -8,9 +8,9 @@ import pytest
 
 from ivcprune.evals import synth
 from ivcprune.evals.grounding_data import synthetic_items
+from ivcprune.methods import IVCPrune
 from ivcprune.models import TOY_DIR
 from ivcprune.toy.evaluate import run_eval
-from ivcprune.methods import IVCPrune
 
 # Floors on the first 100 test samples, set from the measurement behind the model card with a margin
 # for numerical differences between machines: measured 21/100 unpruned and 13/100 with IVC-Prune at 50%

@@ -26,8 +26,8 @@ def test_tokenizer_has_coordinate_tokens_and_special_tokens(processor):
     assert toy.number_token_ids(tok)[:3] == tok.convert_tokens_to_ids(["0", "1", "2"])
     for t in ("<|image_pad|>", "<|vision_start|>", "<|im_end|>"):
         assert len(tok.encode(t)) == 1
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
-                                         tokenize=False, add_generation_prompt=True)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}
+    text = processor.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>x<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -45,7 +45,7 @@ def test_training_batch_labels_and_anchors(processor):
                                                                          if o.box == box)) for _, box in extras[row]]
         assert text == "".join(a + "<|im_end|>" for a in answers)  # replies only, each with its end token
     # each coordinate's anchor is the token right before its digits, and its target the coordinate
-    for (row, pos, k), target in zip(b["box_anchor"].tolist(), b["box_target"].tolist()):
+    for (row, pos, _), target in zip(b["box_anchor"].tolist(), b["box_target"].tolist()):
         digits = ""
         p = pos + 1
         while tok.convert_ids_to_tokens(int(b["input_ids"][row, p])).isdigit():
@@ -109,7 +109,8 @@ def test_model_card_has_recipe_curve_and_tables(tmp_path):
            "n_unparseable": 1, "n": 10, "accuracy_by_kind": {"attribute": 0.9, "ordinal": 0.5}}
     pruned = {**row, "method": "ivc", "label": "IVC-Prune", "budget": 0.5, "layer": 3, "accuracy": 0.6,
               "mean_kept_visual_ratio": 0.5, "accuracy_by_kind": {"attribute": 0.7}}
-    card = write_card(tmp_path, {"Methods": [row, pruned]}, {"Methods": "ivcprune eval ...", "train": "ivcprune train-toy"})
+    card = write_card(tmp_path, {"Methods": [row, pruned]},
+                      {"Methods": "ivcprune eval ...", "train": "ivcprune train-toy"})
     text = card.read_text()
     assert "| 300 | 2400 | 400.0 | 0.5 | 12.5 | 0.200 |" in text  # learning curve row
     assert "| IVC-Prune | 0.5 | 3 | 60.0 | 75.0% |" in text  # relative to unpruned

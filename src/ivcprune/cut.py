@@ -86,7 +86,8 @@ def attention_mask(valid_kv: torch.Tensor, q_len: int, *, attn_implementation: s
     are the last ``q_len`` of them), in the format the attention implementation reads.
 
     - flash attention: the 2-D padding mask (``None`` when there is no padding);
-    - sdpa: a 4-D bool mask, True where a query may attend;
+    - sdpa: a 4-D bool mask, True where a query may attend; ``None`` (sdpa's own causal path, which
+      fast kernels take) when there is no padding and no earlier cache;
     - eager (and others): a 4-D additive float mask (0 / dtype minimum).
 
     A query attends to earlier-or-equal slots that are valid; padding queries attend to themselves only,
@@ -95,6 +96,8 @@ def attention_mask(valid_kv: torch.Tensor, q_len: int, *, attn_implementation: s
     if is_flash(attn_implementation):
         return None if bool(valid_kv.all()) else valid_kv.to(torch.long)
     B, T = valid_kv.shape
+    if attn_implementation == "sdpa" and T == q_len and bool(valid_kv.all()):
+        return None
     rows = torch.arange(T - q_len, T, device=device)[:, None]
     cols = torch.arange(T, device=device)[None, :]
     allowed = (cols <= rows)[None] & valid_kv[:, None, :]

@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evals.synth import make_sample
     from .inputs import build_inputs, user_message
     from .methods import IVCPrune
-    from .models import TOY_DIR, load_model
-    from .models import save_tiny_checkpoint
+    from .models import TOY_DIR, load_model, save_tiny_checkpoint
     from .viz import prediction_picture
 
     out = Path(args.out)
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         seen = images[0]
         pic = prediction_picture(
             seen, span, cell,
-            [(s.box, (0, 170, 0), "truth"), (boxes[0], (255, 140, 0), "unpruned"), (boxes[1], (220, 0, 200), "IVC-Prune")],
+            [(s.box, (0, 170, 0), "truth"), (boxes[0], (255, 140, 0), "unpruned"),
+             (boxes[1], (220, 0, 200), "IVC-Prune")],
             (f"{s.ref}  (IoU unpruned {ious[0]:.2f}, pruned {ious[1]:.2f})",
              f"kept {span.kept}/{span.length} visual tokens at layer {pruner.last_report.layer}"))
         path = out / f"sample_{i}.png"
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * med([r.prefill_s for r in pruned_runs]):.1f} |")
     print(f"| decode ms/token (median) | {med([r.decode_ms_per_token for r in base_runs]):.2f} | "
           f"{med([r.decode_ms_per_token for r in pruned_runs]):.2f} |")
-    print(f"| KV cache after prefill | {_fmt_bytes(base_runs[0].kv_bytes_prompt)} ({base_runs[0].kv_tokens_prompt} tok) | "
+    print(f"| KV cache after prefill | {_fmt_bytes(base_runs[0].kv_bytes_prompt)} "
+          f"({base_runs[0].kv_tokens_prompt} tok) | "
           f"{_fmt_bytes(pruned_runs[0].kv_bytes_prompt)} ({pruned_runs[0].kv_tokens_prompt} tok) |")
     print(f"\npictures (true box green, unpruned orange, IVC-Prune magenta; tokens by kind): {out.resolve()}")
     for p in pictures:

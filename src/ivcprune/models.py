@@ -2,7 +2,8 @@
 random weights built from the embedded configurations of real checkpoints (no download needed).
 
 A model spec is a path / hub id, ``toy`` (the embedded grounding model), or ``random:NAME`` with NAME one
-of :data:`RANDOM_CONFIGS` (``random:qwen2.5-vl-7b``; the shapes live in each family's file); ``overrides`` (``{"num_hidden_layers": 8}``, ``{"vision.depth": 2}``)
+of :data:`RANDOM_CONFIGS` (``random:qwen2.5-vl-7b``; the shapes live in each family's file); ``overrides``
+(``{"num_hidden_layers": 8}``, ``{"vision.depth": 2}``)
 change the text config, or the vision config with a ``vision.`` prefix.
 """
 

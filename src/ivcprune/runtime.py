@@ -213,13 +213,16 @@ class Pruner:
         # Past tokens without a pruning record: a decode step (or text continuation) on an unpruned cache,
         # which must not overwrite the report of the last prefill.
         fresh = past == 0
+        if not fresh and q_len == 1:
+            return None  # one new token holds no visual span
         mask = kwargs.get("attention_mask")
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         chunk_mask = mask2d[:, -q_len:].bool().cpu() if mask2d is not None else torch.ones(B, q_len, dtype=torch.bool)
         real = [chunk_mask[b].nonzero().squeeze(1) for b in range(B)]
         if input_ids is None:
             if fresh:
-                self._set_noop([len(r) for r in real], "inputs_embeds without input_ids: visual spans cannot be located")
+                self._set_noop([len(r) for r in real],
+                               "inputs_embeds without input_ids: visual spans cannot be located")
             return None
         grids = self.adapter.grid_queues(kwargs)
         ids = input_ids.cpu()

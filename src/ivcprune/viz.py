@@ -33,11 +33,15 @@ def token_overlay(image: Image.Image, span: SpanReport, cell: int, alpha: float 
         if kind == "pruned":
             d.rectangle(box, fill=(*PRUNED_SHADE, int(255 * 0.6)))
         else:
-            d.rectangle(box, fill=(*KIND_COLORS.get(kind, (255, 255, 255)), a), outline=(*KIND_COLORS.get(kind, (255, 255, 255)), 255))
+            color = KIND_COLORS.get(kind, (255, 255, 255))
+            d.rectangle(box, fill=(*color, a), outline=(*color, 255))
     return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 
 
-def draw_boxes(image: Image.Image, boxes: list[tuple[tuple[float, float, float, float] | None, tuple[int, int, int], str]],
+LabelledBox = tuple[tuple[float, float, float, float] | None, tuple[int, int, int], str]  # box, colour, label
+
+
+def draw_boxes(image: Image.Image, boxes: list[LabelledBox],
                width: int = 3) -> Image.Image:
     """Outline ``(box, colour, label)`` triples (boxes in the image's pixels; ``None`` is skipped)."""
     out = image.convert("RGB").copy()

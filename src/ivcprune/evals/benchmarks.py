@@ -28,8 +28,8 @@ from typing import Any
 
 from PIL import Image
 
-from .grounding_data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
 from ..inputs import EncodedImage, read_image_field
+from .grounding_data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
 
 TASKS = ("mcq", "yesno", "grounding")
 

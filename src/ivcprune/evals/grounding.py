@@ -52,7 +52,8 @@ def score_predictions(pred_path: str | Path, info: dict[str, Any] | None = None)
 def run_cells(r: dict[str, Any]) -> str:
     """The leading cells of a run's table row: method label, budget and K ("-" for the unpruned run)."""
     pruned = r.get("method") != "none"
-    return f"| {r.get('label', r.get('method'))} | {r.get('budget') if pruned else '-'} | {r.get('layer') if pruned else '-'} |"
+    budget, layer = (r.get("budget"), r.get("layer")) if pruned else ("-", "-")
+    return f"| {r.get('label', r.get('method'))} | {budget} | {layer} |"
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..inputs import EncodedImage, as_rgb, read_image_field
 from ..boxes import Box
+from ..inputs import EncodedImage, as_rgb, read_image_field
 from . import synth
 
 # TSV ground-truth frames: original pixels, or the authors' Qwen2.5-VL variant where both sides were
@@ -107,7 +107,7 @@ def write_grounding_tsv(path: str | Path, items, gt_frame: str = "original", ima
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["index", "image", "question", "answer", "width", "height"])
-        for i, it in enumerate(items):
+        for it in items:
             image = as_rgb(it.image)
             width, height = image.size
             box = it.box

@@ -91,7 +91,8 @@ def mcq_metrics(recs: list[dict]) -> dict[str, Any]:
         "accuracy_by_category": {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "category").items()},
     }
     if any(r.get("l2_category") for r in recs):
-        out["accuracy_by_l2_category"] = {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "l2_category").items()}
+        out["accuracy_by_l2_category"] = {k: _mean(r["correct"] for r in v)
+                                          for k, v in _by(recs, "l2_category").items()}
     ids = [r["id"] for r in recs]
     if all(str(i).isdigit() for i in ids) and any(int(i) >= CIRCULAR_OFFSET for i in ids):
         groups: dict[int, list[dict]] = defaultdict(list)

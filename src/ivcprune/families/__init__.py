@@ -23,7 +23,8 @@ def family_class(model_type: str | None) -> type[Family]:
     if cls is None:
         raise UnsupportedModelError(
             f"ivcprune does not support model_type={model_type!r}; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} ({', '.join(c.model_classes()[1].__name__ for c in FAMILIES.values())})"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"({', '.join(c.model_classes()[1].__name__ for c in FAMILIES.values())})"
         )
     return cls
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import selection as sel
-from ..families import Adapter
+from ..families import FAMILIES, Adapter
 from ..runtime import Needs, SpanInput, SpanSelection
 from .base import PruningMethod, check_choice, check_ratio, paper_layer
 
@@ -48,12 +48,23 @@ _PRESETS = {
 }
 
 
+# Families the paper did not cover (METHOD.md): the fill rule at Qwen2.5-VL's relative depth, marked so.
+_BY_ANALOGY = dict(rule="fill", softmax_domain="span", min_one_seed=True,
+                   note="by analogy, not validated: K at the relative depth 16/28, IVC 10% + 10%, seeds 1%, fill "
+                        "to 50% by foreground, similarity softmax over the span")
+
+
 def preset_for(model_type: str, num_layers: int) -> Preset:
-    """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers."""
-    if model_type not in _PRESETS:
-        raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(_PRESETS)}")
+    """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers; a
+    preset by analogy for supported families the paper did not cover."""
+    if model_type in _PRESETS:
+        fields = _PRESETS[model_type]
+    elif model_type in FAMILIES:
+        fields = dict(_BY_ANALOGY, family=FAMILIES[model_type].display_name)
+    else:
+        raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(FAMILIES)}")
     return Preset(layer=paper_layer(model_type, num_layers), budget=0.5, ivc_ratio=0.10, seed_ratio=0.01,
-                  foreground_ratio=0.40, **_PRESETS[model_type])
+                  foreground_ratio=0.40, **fields)
 
 
 @dataclass(repr=False, eq=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS
 from ..evals import synth
+from ..tiny import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS
 
 
 @dataclass
@@ -187,7 +187,8 @@ def toy_config(tokenizer, r: ToyRecipe):
 def conversation(sample: synth.Sample, extra: list[tuple[str, tuple]] = ()):
     """Chat messages: the image and first question, then further questions about the same image."""
     msgs = [
-        {"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]},
+        {"role": "user",
+         "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]},
         {"role": "assistant", "content": sample.answer},
     ]
     labels = {o.box: o.label for o in sample.objects}
@@ -394,8 +395,8 @@ def _cosine(step: int, steps: int, warmup: int, lr: float, min_ratio: float) -> 
 # -- evaluation during training ------------------------------------------------------------------
 @torch.no_grad()
 def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> dict[str, float]:
-    from ..inputs import build_inputs, user_message
     from ..boxes import iou, parse_qwen25_box
+    from ..inputs import build_inputs, user_message
 
     model.eval()
     hits, ious, parsed = 0, 0.0, 0

@@ -27,10 +27,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random:NAME models only: override a text config field (or vision.FIELD)")
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in _BOOLS:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return _BOOLS[text.lower()]
+
+
 def _knob_type(f):
     kind = str(f.type)
     if "bool" in kind:
-        return lambda text: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        return _parse_bool
     return float if "float" in kind else int if "int" in kind else str
 
 
@@ -53,8 +62,9 @@ def _add_method_args(p: argparse.ArgumentParser, default: str = "ivc") -> None:
     g.add_argument("--method", default=default, choices=list(method_names()))
     for name, f in _method_knobs().items():
         flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
-        g.add_argument(flag, dest=f"knob_{name}", type=_knob_type(f), default=None,
-                       choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+        g.add_argument(flag, dest=f"knob_{name}", type=_knob_type(f), default=None, metavar=None if
+                       f.metadata.get("choices") else name.upper(), choices=f.metadata.get("choices"),
+                       help=f.metadata.get("help"))
 
 
 def _given_knobs(args, method: str, *, strict: bool = True) -> dict[str, Any]:

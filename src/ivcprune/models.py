@@ -152,35 +152,8 @@ def _dtype(value: str | torch.dtype) -> torch.dtype:
 
 
 def synthetic_inputs(config, image_tokens: int = 256, text_tokens: int = 32, *, seed: int = 0, device="cpu"):
-    """Model inputs for a chat-shaped prompt with one image of about ``image_tokens`` visual tokens.
-
-    For models without a processor (random weights): the token layout is the one Qwen-VL's processor
-    produces (``... <vision_start> <image_pad>*N <vision_end> question <im_end> ... assistant``), the
-    pixel values are noise of the shape the vision tower expects. Returns ``(inputs, (h, w))`` with
-    the merged token grid.
-    """
-    vc = config.vision_config
-    merge = vc.spatial_merge_size
-    gh = max(1, int(image_tokens**0.5))
-    while image_tokens % gh:
-        gh -= 1
-    gw = image_tokens // gh
-    n_vis = gh * gw
-    g = torch.Generator().manual_seed(seed)
-    vocab = config.get_text_config().vocab_size
-    low = 10
-    high = min(vocab, config.image_token_id, config.vision_start_token_id) - 1
-    text = torch.randint(low, high, (text_tokens + 8,), generator=g)
-    pre = text[:4].tolist() + [config.vision_start_token_id]
-    post = [config.vision_end_token_id] + text[4:].tolist()
-    ids = torch.tensor([pre + [config.image_token_id] * n_vis + post])
-    patches = (gh * merge) * (gw * merge)
-    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(patches, patch_dim, generator=g),
-        "image_grid_thw": torch.tensor([[1, gh * merge, gw * merge]]),
-        "mm_token_type_ids": (ids == config.image_token_id).int(),
-    }
-    return {k: v.to(device) for k, v in inputs.items()}, (gh, gw)
+    """Model inputs (batch of one) for a chat-shaped prompt with one image of about ``image_tokens`` visual
+    tokens, for models without a processor (random weights): the family's token layout, noise pixels.
+    Returns ``(inputs, (h, w))`` with the merged token grid."""
+    inputs, grid = family_class(config.model_type).synthetic_inputs(config, image_tokens, text_tokens, seed)
+    return {k: v.to(device) for k, v in inputs.items()}, grid

@@ -113,6 +113,12 @@ class Family:
         """A transformers config from a :attr:`random_configs` spec, plus ``FIELD`` / ``vision.FIELD`` overrides."""
         raise NotImplementedError
 
+    @classmethod
+    def synthetic_inputs(cls, config, image_tokens: int, text_tokens: int, seed: int = 0):
+        """``(inputs, (h, w))``: a batch-of-one prompt with one image of about ``image_tokens`` visual tokens
+        in the family's token layout, noise pixels (benchmarks of models without a processor)."""
+        raise NotImplementedError
+
     # -- a loaded model ----------------------------------------------------------------------------
 
     @property

@@ -71,6 +71,33 @@ class QwenVL(Family):
         text_tokens = {k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in tokens}
         return config_cls(text_config={**spec["text"], **text_tokens}, vision_config=spec["vision"], **tokens)
 
+    @classmethod
+    def synthetic_inputs(cls, config, image_tokens: int, text_tokens: int, seed: int = 0):
+        """The token layout Qwen-VL's processor produces (``... <vision_start> <image_pad>*N <vision_end>
+        question ...``) around one image of about ``image_tokens`` merged tokens; pixel values are noise of
+        the shape the vision tower expects. ``(inputs, (h, w))``, on the CPU."""
+        vc = config.vision_config
+        merge = vc.spatial_merge_size
+        gh = max(1, int(image_tokens**0.5))
+        while image_tokens % gh:
+            gh -= 1
+        gw = image_tokens // gh
+        g = torch.Generator().manual_seed(seed)
+        high = min(config.get_text_config().vocab_size, config.image_token_id, config.vision_start_token_id) - 1
+        text = torch.randint(10, high, (text_tokens + 8,), generator=g)
+        pre = text[:4].tolist() + [config.vision_start_token_id]
+        post = [config.vision_end_token_id] + text[4:].tolist()
+        ids = torch.tensor([pre + [config.image_token_id] * (gh * gw) + post])
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn((gh * merge) * (gw * merge), patch_dim, generator=g),
+            "image_grid_thw": torch.tensor([[1, gh * merge, gw * merge]]),
+            "mm_token_type_ids": (ids == config.image_token_id).int(),
+        }
+        return inputs, (gh, gw)
+
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.config = model.config

@@ -99,16 +99,18 @@ class IVCPrune(PruningMethod):
     name = "ivc"
     label = "IVC-Prune"
 
-    ivc_ratio: float | None = None
-    seed_ratio: float | None = None
-    min_one_seed: bool | None = None
-    rule: str | None = field(default=None, metadata={"choices": RULES})
-    foreground_ratio: float | None = None
-    softmax_domain: str | None = field(default=None, metadata={"choices": DOMAINS})
+    ivc_ratio: float | None = field(default=None, metadata={"help": "share of each span kept by cos, and by sin"})
+    seed_ratio: float | None = field(default=None, metadata={"help": "share of each span taken as semantic seeds"})
+    min_one_seed: bool | None = field(default=None, metadata={"help": "at least one seed (true/false)"})
+    rule: str | None = field(default=None, metadata={"choices": RULES, "help": "budget fill or the union rule"})
+    foreground_ratio: float | None = field(default=None, metadata={"help": "foreground share of the union rule"})
+    softmax_domain: str | None = field(default=None, metadata={"choices": DOMAINS,
+                                                               "help": "similarity softmax over the span or prompt"})
     ivc_statistic: str = field(default="authors", metadata={"choices": sel.IVC_STATISTICS})
-    numerics: str = field(default="ours", metadata={"choices": sel.NUMERICS})
+    numerics: str = field(default="ours", metadata={"choices": sel.NUMERICS,
+                                                    "help": "authors: the release's bf16 arithmetic"})
     ablation: str | None = field(default=None, metadata={"choices": ABLATIONS[1:]})
-    query_offset: int = 2
+    query_offset: int = field(default=2, metadata={"help": "text queries start this many tokens after a span"})
 
     def __post_init__(self):
         super().__post_init__()

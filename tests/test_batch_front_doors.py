@@ -115,20 +115,24 @@ def _records(run_dir) -> list[dict]:
 
 
 def _eval(out, data, *extra):
-    return main(["eval", "--model", "toy", "--data", data, "--out", str(out), "--max-new-tokens", "12", "--quiet",
+    return main(["eval", "--model", "toy", "--data", data, "--out", str(out), "--max-new-tokens", "28", "--quiet",
                  *extra])
+
+
+MIXED_SIZES = ((448, 448), (600, 300), (300, 600), (520, 390))  # 256, 276, 276 and 234 visual tokens
 
 
 @pytest.fixture(scope="module")
 def mixed_tsv(tmp_path_factory):
-    """Grounding TSV of synthetic samples at four image sizes, interleaved (batches need sorting)."""
+    """Grounding TSV of synthetic samples at four image sizes, interleaved (batches need sorting); the toy
+    processor brings every image to 448 x 448 pixels of area, so the aspect ratios make the token counts."""
     items = []
     for i in range(10):
         s = make_sample(0, "test", i)
-        side = (448, 336, 392, 280)[i % 4]
-        scale = side / 448
-        box = tuple(v * scale for v in s.target.box)
-        items.append(GroundingItem(id=f"m{i}", image=s.image.resize((side, side)), ref=s.question, box=box))
+        w, h = MIXED_SIZES[i % 4]
+        x1, y1, x2, y2 = s.target.box
+        box = (x1 * w / 448, y1 * h / 448, x2 * w / 448, y2 * h / 448)
+        items.append(GroundingItem(id=f"m{i}", image=s.image.resize((w, h)), ref=s.question, box=box))
     return write_grounding_tsv(tmp_path_factory.mktemp("mixed") / "mixed.tsv", items)
 
 
@@ -145,7 +149,7 @@ def test_eval_batch_size_4_equals_1(mixed_tsv, tmp_path):
             m1 = json.loads((tmp_path / one / run / "metrics.json").read_text())
             m4 = json.loads((tmp_path / four / run / "metrics.json").read_text())
             assert m4["score"] == m1["score"] and m4["batch_size"] == 4 and m1["batch_size"] == 1
-    assert {r["visual_tokens"] for r in _records(tmp_path / "m4" / "ivc-b0.5")} == {256, 144, 196, 100}
+    assert {r["visual_tokens"] for r in _records(tmp_path / "m4" / "ivc-b0.5")} == {256, 276, 234}
     assert all(r["visual_kept"] == r["visual_tokens"] // 2 for r in _records(tmp_path / "m4" / "ivc-b0.5"))
 
 
@@ -156,9 +160,9 @@ def test_eval_batch_with_a_bad_sample(mixed_tsv, tmp_path, monkeypatch):
     calls = []
     state = {"refuse": True}
 
-    def refusing(model, processor, prompts, method, **kw):  # refuses the 336 x 336 images (m1, m5, m9)
+    def refusing(model, processor, prompts, method, **kw):  # refuses the 600 x 300 images (m1, m5, m9)
         calls.append(len(prompts))
-        if state["refuse"] and any(images[0].size == (336, 336) for images, _ in prompts):
+        if state["refuse"] and any(images[0].size == (600, 300) for images, _ in prompts):
             raise ValueError("absurd aspect ratio")
         return real(model, processor, prompts, method, **kw)
 
@@ -166,9 +170,10 @@ def test_eval_batch_with_a_bad_sample(mixed_tsv, tmp_path, monkeypatch):
     out = tmp_path / "bad"
     assert _eval(out, str(mixed_tsv), "--batch-size", "4", "--limit", "8") == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["n"], m["n_failed"]) == (6, 2)  # m1 and m5 (both 336 px) fail alone
+    assert (m["n"], m["n_failed"]) == (6, 2)  # m1 and m5 fail alone
     assert [f["id"] for f in m["failed"]] == ["m1", "m5"] and m["failed"][0]["error"] == "ValueError: absurd aspect ratio"
-    # the 336 px batch (the window of 8 sorted by size: 280, 280, 336, 336 first) raised, then went one by one
+    # the window of 8 sorted by size: 300 x 600 (m2, m6) and 600 x 300 (m1, m5) first; that batch raised and
+    # went again one by one
     assert calls == [4, 1, 1, 1, 1, 4]
     state["refuse"] = False
     assert _eval(out, str(mixed_tsv), "--batch-size", "4") == 0  # retries the two, adds the last two

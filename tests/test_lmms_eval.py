@@ -115,8 +115,8 @@ def task_dir(tmp_path_factory) -> Path:
     return root
 
 
-def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: str, nproc: int = 1
-                  ) -> tuple[dict, list[dict]]:
+def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: str, nproc: int = 1,
+                  batch_size: int = 1) -> tuple[dict, list[dict]]:
     """``python -m lmms_eval`` in a subprocess (under ``torchrun`` with ``nproc`` processes when > 1);
     returns (results.json, logged samples in doc order).
 
@@ -139,7 +139,7 @@ def run_lmms_eval(task_dir: Path, tmp: Path, model_args: str, *, registration: s
                                                   "--nproc-per-node", str(nproc)]
     cmd = [*launch, "-m", "lmms_eval", "--model", "ivcprune", "--model_args", model_args,
            "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--log_samples",
-           "--batch_size", "1", "--verbosity", "WARNING"]
+           "--batch_size", str(batch_size), "--verbosity", "WARNING"]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
     results = sorted(out.rglob("*_results.json"))
     samples = sorted(out.rglob(f"*_samples_{TASK}.jsonl"))
@@ -186,6 +186,20 @@ def test_ivc_prune_through_the_entry_point(task_dir, tmp_path):
         assert r["kept_visual_ratio"] == pytest.approx(0.5)
     # the answers are exactly those of IVC-Prune applied by hand
     assert [s["filtered_resps"] for s in samples] == direct_answers(task_dir, IVCPrune(budget=0.5))
+
+
+def test_batched_answers_equal_batch_size_1(task_dir, tmp_path):
+    """``--batch_size 2``: the 3 documents go as a batch of 2 and one of 1; every answer is IVC-Prune's
+    applied by hand to the prompt alone, as with batch size 1 above."""
+    log = tmp_path / "prune.jsonl"
+    results, samples = run_lmms_eval(task_dir, tmp_path, f"pretrained=toy,method=ivc,budget=0.5,prune_log={log}",
+                                     registration="plugins", batch_size=2)
+    assert results["n-samples"][TASK]["effective"] == N_DOCS
+    assert [s["doc_id"] for s in samples] == list(range(N_DOCS))
+    assert [s["filtered_resps"] for s in samples] == direct_answers(task_dir, IVCPrune(budget=0.5))
+    reports = [json.loads(x) for x in log.read_text().splitlines()]
+    assert sorted(r["doc_id"] for r in reports) == list(range(N_DOCS))
+    assert all((r["visual_tokens"], r["visual_kept"]) == (256, 128) for r in reports)
 
 
 def test_unpruned_answers_equal_model_generate(task_dir, tmp_path):
@@ -254,6 +268,35 @@ def test_generate_until_cuts_at_stop_strings(lm):
     assert lm.mean_kept_visual_ratio == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("method", ["ivc", "none"])
+def test_generate_until_batched_equals_one_at_a_time(lm, method):
+    """batch_size 3 over 5 requests of different image sizes (one without an image) and two sets of
+    generation kwargs: the answers (in request order) and reports equal batch size 1's."""
+    one = lm if method == "ivc" else IVCPruneLMM(pretrained="toy", method="none")
+    three = IVCPruneLMM(pretrained="toy", method=method, budget=0.5, batch_size=3)
+    assert three.batch_size == 3
+    sizes = [(448, 448), (600, 300), None, (520, 390), (300, 600)]
+    docs = []
+    for i, size in enumerate(sizes):
+        s = synth.make_sample(0, "test", i)
+        docs.append({"image": s.image.resize(size) if size else None, "question": s.question})
+    visual = lambda doc: [doc["image"]] if doc["image"] is not None else []  # noqa: E731
+    kwargs = [{"max_new_tokens": 12, "until": ["\n\n"]}, {"max_new_tokens": 8, "until": ['",']}]
+    requests = [_instance("generate_until", (d["question"], kwargs[i % 2], visual, i, "t", "test"), doc_id=i)
+                for i, d in enumerate(docs)]
+    answers = {}
+    for model in (one, three):
+        model.task_dict = {"t": {"test": docs}}
+        n = len(model.reports)
+        answers[model.batch_size] = model.generate_until(requests)
+        answers[model.batch_size, "reports"] = sorted(model.reports[n:], key=lambda r: r["doc_id"])
+    assert answers[3] == answers[1] and all(isinstance(a, str) for a in answers[3])
+    # (the runtime words the no-image row's reason differently when other rows of its batch have images)
+    without_reason = lambda reports: [{k: v for k, v in r.items() if k != "reason"} for r in reports]  # noqa: E731
+    assert without_reason(answers[3, "reports"]) == without_reason(answers[1, "reports"])
+    assert [r["visual_tokens"] for r in answers[1, "reports"]] == [256, 276, 0, 234, 276]
+
+
 def test_generate_until_multi_round(lm):
     s = synth.make_sample(0, "test", 1)
     lm.task_dict = {"t": {"test": [{"image": s.image}]}}
@@ -308,9 +351,9 @@ def test_loglikelihood_equals_generate_scores(lm, method):
 
 # -- arguments --------------------------------------------------------------------------------------
 def test_argument_errors(monkeypatch):
-    with pytest.raises(ValueError, match="batch_size must be 1"):
-        IVCPruneLMM(pretrained="toy", batch_size=4)
-    with pytest.raises(ValueError, match="batch_size must be 1"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        IVCPruneLMM(pretrained="toy", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         IVCPruneLMM(pretrained="toy", batch_size="auto")
     with pytest.raises(TypeError, match="has no knob"):
         IVCPruneLMM(pretrained="toy", budgett=0.5)

@@ -4,7 +4,6 @@ for the configuration. Every run goes through :func:`ivcprune.generation.generat
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import statistics

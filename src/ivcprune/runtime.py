@@ -37,6 +37,9 @@ from .families import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
 
 
+NO_VISUAL = "no image or video tokens in the prompt"
+
+
 class UnsupportedCacheError(ValueError):
     """The KV cache type cannot be cut."""
 
@@ -229,7 +232,7 @@ class Pruner:
         spans = [self.adapter.find_spans(ids[b, real[b]], grids) for b in range(B)]
         if not any(spans):
             if fresh:
-                self._set_noop([len(r) for r in real], "no image or video tokens in the prompt")
+                self._set_noop([len(r) for r in real], NO_VISUAL)
             return None
         _check_cache(cache)
         past_valid = None
@@ -355,7 +358,6 @@ class Pruner:
                                   device=mask.device if mask is not None else st.device)
 
     def _select(self, st: _Forward, hidden: torch.Tensor) -> None:
-        t0 = time.perf_counter()
         if st.positions is None:
             raise RuntimeError("rotary position ids were not captured before layer K")
         values = None
@@ -366,6 +368,7 @@ class Pruner:
         rope = self.adapter.rope_info()
         keeps, reports = [], []
         for b, spans in enumerate(st.spans):
+            t0 = time.perf_counter()
             real = st.real[b]
             visual = torch.zeros(len(real), dtype=torch.bool)
             for s in spans:
@@ -395,12 +398,9 @@ class Pruner:
             reports.append(PruneReport(
                 method=self.method.name, layer=self.layer, seq_len=row.past + len(real),
                 kept=torch.cat([torch.arange(row.past), keep + row.past]), spans=span_reports,
-                config=dict(self.config),
-                reason=None if spans else "no image or video tokens in this row",
+                config=dict(self.config), reason=None if spans else NO_VISUAL,
+                selection_ms=1000 * (time.perf_counter() - t0),
             ))
-        ms = 1000 * (time.perf_counter() - t0)
-        for r in reports:
-            r.selection_ms = ms
         self._on_reports(reports)
         if any(len(k) < len(r) for k, r in zip(keeps, st.real)):  # else run unmodified
             st.index, st.valid = cut.keep_index(keeps)

@@ -9,6 +9,9 @@ as each finishes) and ``metrics.json`` (always recomputed from the predictions a
 - A sample whose prediction raises (an image the processor refuses, say) is reported with its error in
   ``metrics.json`` (``n_failed``, ``failed``) and retried by the next run; the run goes on, unless its
   first samples all fail, which is a setup error and stops it.
+- Batches (``batch_size`` > 1): the samples a process predicts go in batches, sorted by size within
+  windows of 8 batches; a batch that raises is predicted again one sample at a time (a bad sample is
+  reported alone); records are appended as batches finish and put in dataset order at the end.
 - Data-parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` of ``w`` takes samples
   ``r, r + w, ...`` and appends to ``predictions.part{r}.jsonl``; at the end rank 0 merges the parts into
   ``predictions.jsonl`` in dataset order and scores. Parts left by a killed run are merged by the
@@ -204,7 +207,7 @@ def run_resumable(samples: Iterable[Any], predict: Callable[[Any], dict[str, Any
         failed = [x for r in range(dist.world) for x in json.loads((run_dir / f"failed.part{r}.json").read_text())]
         for r in range(dist.world):
             (run_dir / f"failed.part{r}.json").unlink()
-    merge_parts(run_dir, reorder=batch_size > 1)
+    merge_parts(run_dir, reorder=True)  # batches, or a killed batched run before, append out of order
     skipped = skipped or []
     failed.sort(key=lambda x: x["pos"])
     extra = {"n_skipped": len(skipped), "skipped": [s.__dict__ for s in skipped[:50]],

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU check of ivcprune in one command: equivalence on the device in bf16 (and float32) and the benchmark at
+# Qwen2.5-VL-7B's shapes; writes gpu_check.md (one markdown report), gpu_check.json and gpu_check.log to
+# ${OUT:-gpu_check_out}. Takes about 3-4 minutes on an H100; scripts/gpu_check.py stops starting new benchmark
+# runs after --time-budget (330 s), so the whole command stays under 8 minutes.
+#
+# 1. Here (a machine with internet), once per session -- the GPU machine has transformers 5.17.0, we need 5.23.0:
+#
+#        scripts/fetch_gpu_wheels.sh        # -> .whl/transformers-5.23.0-py3-none-any.whl (~12 MB) and
+#                                           #    .whl/regex-2026.11.19-cp312-...manylinux...whl (~0.8 MB)
+#
+#    which runs (with .venv/bin/python, else python3):
+#
+#        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#          --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl transformers==5.23.0 regex==2026.11.19
+#
+#    Nothing else is needed: transformers 5.23's other requirements are preinstalled there in versions it accepts
+#    (huggingface-hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, typer, pyyaml, numpy, tqdm, packaging), and
+#    ivcprune imports qwen-vl-utils / av only to build inputs from real images with a processor, which this check
+#    never does (`--with-qwen-vl-utils` adds them for other work). .whl/ is git-ignored; `du -sh .whl` must stay
+#    far below the 64 MiB a device call carries (the repository itself is ~7 MB).
+#
+# 2. The device tool call (one call; the machine starts bare, so the wheels travel each time):
+#
+#        run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=480)
+#
+#    then give_back() unless rerunning at once. The report comes back as $OUT/gpu_check.md (also printed at the
+#    end of the output); options go through, e.g. "bash scripts/gpu_check.sh --skip-bench" or
+#    "bash scripts/gpu_check.sh --image-tokens 1024 4096 --batch-sizes 1 8 --vision-depth 0".
+#
+# Here, as a smoke run on the CPU:
+#        PYTHON=.venv/bin/python bash scripts/gpu_check.sh --device cpu --dtype float32 --quick --threads 1
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT_DIR="${OUT:-gpu_check_out}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" >&2; exit 2; }
+  export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "== no .whl/ folder: using the installed packages (run scripts/fetch_gpu_wheels.sh here and carry .whl)"
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== environment"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/env.txt"
+import importlib, platform, sys
+print("python", platform.python_version(), sys.executable)
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}")
+for name in ("transformers", "huggingface_hub", "tokenizers", "safetensors", "regex", "accelerate", "ivcprune"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as exc:
+        print(name, "does not import:", type(exc).__name__, exc)
+try:
+    import flash_attn
+    print("flash_attn imports", getattr(flash_attn, "__version__", "?"))
+except Exception as exc:
+    print("flash_attn does not import:", type(exc).__name__, str(exc)[:200])
+import transformers
+if not transformers.__version__.startswith("5.23."):
+    print(f"WARNING: transformers {transformers.__version__}, ivcprune is tested with 5.23 (carry .whl/)")
+EOF
+
+echo "== scripts/gpu_check.py $*"
+"$PY" scripts/gpu_check.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+rc=${PIPESTATUS[0]}
+echo
+echo "== $OUT_DIR/gpu_check.md (exit status $rc)"
+cat "$OUT_DIR/gpu_check.md" 2>/dev/null
+exit "$rc"

@@ -9,9 +9,10 @@
 # and transformers at module import time; qwen-vl-utils (and its av) only inside build_inputs, i.e. for real
 # checkpoints with a processor, which gpu_check.py never uses -- so they are left out unless asked for.
 #
-# Usage: scripts/fetch_gpu_wheels.sh                       # transformers + regex, about 13 MB
-#        scripts/fetch_gpu_wheels.sh --with-qwen-vl-utils  # + qwen-vl-utils and av (for `ivcprune eval` on real
-#                                                          #   checkpoints; av is the big one)
+# Usage: scripts/fetch_gpu_wheels.sh                       # transformers 13.3 MB + regex 0.8 MB = 14.1 MB
+#        scripts/fetch_gpu_wheels.sh --with-qwen-vl-utils  # + qwen-vl-utils (8 kB) and av (39.9 MB): 54 MB, for
+#                                                          #   `ivcprune eval` on real checkpoints; with the ~7 MB
+#                                                          #   repository that is close to the 64 MiB a call carries
 # PYTHON=... picks the interpreter whose pip downloads (default: .venv/bin/python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -494,10 +494,10 @@ def alarm(seconds: float):
 
 def vision_flops(vcfg, patches: int) -> float:
     """Forward FLOPs of the vision tower on one image of ``patches`` patches (window and full attention)."""
-    d = getattr(vcfg, "hidden_size", None) if vcfg.model_type == "qwen2_5_vl" else getattr(vcfg, "embed_dim", None)
-    d = d or vcfg.hidden_size
-    inter = getattr(vcfg, "intermediate_size", None) or d * getattr(vcfg, "mlp_ratio", 4)
-    mlp = 3 if vcfg.model_type == "qwen2_5_vl" else 2
+    d = getattr(vcfg, "embed_dim", None) or vcfg.hidden_size  # Qwen2-VL: embed_dim (hidden_size = merger output)
+    gated = getattr(vcfg, "intermediate_size", None) is not None  # Qwen2.5-VL: gated MLP; Qwen2-VL: mlp_ratio
+    inter = vcfg.intermediate_size if gated else d * getattr(vcfg, "mlp_ratio", 4)
+    mlp = 3 if gated else 2
     full = set(getattr(vcfg, "fullatt_block_indexes", None) or range(vcfg.depth))
     window = (getattr(vcfg, "window_size", 112) // vcfg.patch_size) ** 2
     total = 0.0
@@ -571,7 +571,8 @@ def section_bench(report: Report, args, device, dtype, deadline: float) -> None:
         new_tokens, repeats, warmup = args.new_tokens, args.repeats, args.warmup
     has_batch = "batch_sizes" in inspect.signature(run_bench).parameters
     if not has_batch:
-        # TODO(batch): ivcprune.bench.run_bench has no batch_sizes argument in this checkout: batch 1 only
+        # TODO(batch): fallback for a checkout whose ivcprune.bench.run_bench has no batch_sizes argument (this
+        # one has it): batch 1 only
         report.bench_notes.append("TODO: run_bench has no `batch_sizes` argument in this checkout; batch 1 only")
         for b in batches:
             if b != 1:
@@ -717,14 +718,17 @@ def main(argv: list[str] | None = None) -> int:
                          "the full tower would take most of the time budget at batch 8 x 16384")
     ap.add_argument("--time-budget", type=float, default=330.0,
                     help="seconds for the whole script; the bench skips (or aborts) what would overrun it")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 for --quick on the CPU)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    elif args.quick and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes: threads only add contention on a shared machine
     dtype = DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here; use --device cpu", file=sys.stderr)

@@ -106,8 +106,11 @@ def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ra
     results = []
     for s, L in spans:
         pts = [[int(pos[a, 0, s + k]) for a in range(3)] for k in range(L)]
-        cos_s = [math.fsum(math.fsum(math.cos(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3 for p in pts]
-        sin_s = [math.fsum(math.fsum(math.sin(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3 for p in pts]
+        def axis_mean(fn, p):
+            return math.fsum(math.fsum(fn(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3
+
+        cos_s = [axis_mean(math.cos, p) for p in pts]
+        sin_s = [axis_mean(math.sin, p) for p in pts]
         n_ivc = _round_half_even(ivc_ratio * L)
         ivc_cos = _rank(cos_s)[:n_ivc]
         ivc_sin = _rank(sin_s)[:n_ivc]

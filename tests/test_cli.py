@@ -9,8 +9,7 @@ from PIL import Image
 
 from ivcprune.bench import expected_ratios, llm_flops
 from ivcprune.cli import main
-from ivcprune.models import random_config
-from ivcprune.models import save_tiny_checkpoint
+from ivcprune.models import random_config, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

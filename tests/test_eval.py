@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from ivcprune.cli import main
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.evals.grounding import comparison_markdown, score_predictions, to_original
+from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.evals.plan import grid
 from ivcprune.methods import make_method
 from ivcprune.models import save_tiny_checkpoint

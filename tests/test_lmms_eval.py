@@ -18,7 +18,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ivcprune.evals import synth  # noqa: E402
-from ivcprune.models import TOY_DIR  # noqa: E402
 from ivcprune.integrations.lmms_eval import (  # noqa: E402
     IVCPruneLMM,
     build_method,
@@ -27,6 +26,7 @@ from ivcprune.integrations.lmms_eval import (  # noqa: E402
     split_visuals,
 )
 from ivcprune.methods import IVCPrune, RandomPrune  # noqa: E402
+from ivcprune.models import TOY_DIR  # noqa: E402
 
 TASK = "ivcprune_toy_grounding"
 N_DOCS = 3

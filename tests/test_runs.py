@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchfix import mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet
 from ivcprune.cli import main
 from ivcprune.evals import tasks
 from ivcprune.evals.runner import RUN_FIELDS, compare_table, find_runs, merge_parts
+
+from benchfix import mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet
 
 VOLATILE = ("prefill_s",)  # timings differ between runs; everything else must not
 

@@ -392,7 +392,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
             f"| {_r(u.get('tokens_per_s'), 1)} → {_r(p.get('tokens_per_s'), 1)} | {_r(q.get('tokens_per_s'))} "
             f"| {_fmt_bytes(u['llm_peak_memory_bytes'])} → {_fmt_bytes(p['llm_peak_memory_bytes'])} "
             f"| {_r(q['llm_peak_memory_bytes'])} "
-            f"| {_fmt_bytes(u['peak_memory_bytes'])} → {_fmt_bytes(p['peak_memory_bytes'])} | {_r(q['peak_memory_bytes'])} "
+            f"| {_fmt_bytes(u['peak_memory_bytes'])} → {_fmt_bytes(p['peak_memory_bytes'])} "
+            f"| {_r(q['peak_memory_bytes'])} "
             f"| {_fmt_bytes(u['kv_bytes'])} → {_fmt_bytes(p['kv_bytes'])} | {_r(q['kv_bytes'])} "
             f"| {_r(r['selection_ms'], 1)} |"
         )

@@ -206,10 +206,10 @@ def _file_safe(name: str) -> str:
 
 def cmd_eval(args) -> int:
     from .evals.benchmarks import expand_data, load_benchmark
-    from .evals.runner import init_distributed, run_resumable
-    from .evals.tasks import authors_pixels, predict_samples, sample_size
     from .evals.grounding import comparison_markdown
     from .evals.plan import grid
+    from .evals.runner import init_distributed, run_resumable
+    from .evals.tasks import authors_pixels, predict_samples, sample_size
     from .families import family_class
     from .methods import method_label, method_names
 
@@ -261,7 +261,7 @@ def cmd_eval(args) -> int:
 
             bench.total = count_rows(bench.source)  # rows, malformed ones included
         bench_dir = out / bench.name if len(benches) > 1 else out
-        for name, m, b, k, method in built:
+        for name, m, _, _, method in built:
             run_dir = bench_dir if len(built) == 1 else bench_dir / name
             resolved = resolved_of[name]
             prompt = args.prompt_template
@@ -313,8 +313,9 @@ def cmd_eval(args) -> int:
             if metrics["n_failed"]:
                 print(f"{bench.name} {name}: {metrics['n_failed']} samples failed (retried by the next run), e.g. "
                       f"{metrics['failed'][0]['id']}: {metrics['failed'][0]['error']}", file=sys.stderr)
-            print(f"{bench.name} {name}: score {metrics['score']:.1f}  kept {100 * metrics['mean_kept_visual_ratio']:.1f}%"
-                  f"  n {metrics['n']}  -> {run_dir}", file=sys.stderr)
+            kept = 100 * metrics["mean_kept_visual_ratio"]
+            print(f"{bench.name} {name}: score {metrics['score']:.1f}  kept {kept:.1f}%  n {metrics['n']}  "
+                  f"-> {run_dir}", file=sys.stderr)
     if dist.rank != 0:
         return 0
     if all(r["task"] == "grounding" for r in rows) and len(benches) == 1:

@@ -36,7 +36,6 @@ from . import cut
 from .families import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
 
-
 NO_VISUAL = "no image or video tokens in the prompt"
 
 

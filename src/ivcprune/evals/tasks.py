@@ -10,10 +10,11 @@ Prompts follow what the authors' evaluation used (VLMEvalKit's Qwen2-VL / Qwen2.
   0-1000 frame for Qwen2-VL).
 
 Images are resized within the pixel bounds the authors configured per model and task
-(:func:`authors_pixels`; ``--min-pixels`` / ``--max-pixels`` override them). Decoding is greedy. Records carry the raw answer, the extracted prediction, correctness, the visual
-tokens kept and the time to the first token (prefill, vision encoder included; in a batch, the batch's
-prefill). Samples are answered in batches through :mod:`ivcprune.generation` (:func:`predict_samples`;
-:func:`predict_sample` is the batch of one); a sample's record does not depend on its batch.
+(:func:`authors_pixels`; ``--min-pixels`` / ``--max-pixels`` override them). Decoding is greedy. Records
+carry the raw answer, the extracted prediction, correctness, the visual tokens kept and the time to the
+first token (prefill, vision encoder included; in a batch, the batch's prefill). Samples are answered in
+batches through :mod:`ivcprune.generation` (:func:`predict_samples`; :func:`predict_sample` is the batch
+of one); a sample's record does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
     question = " ".join(sample.question.split())
     question = question if len(question) <= width else question[: width - 3] + "..."
     pic = prediction_picture(seen, span, cell, boxes,
-                             (f"{question}  {verdict}", f"kept {span.kept}/{span.length} visual tokens at layer {rep.layer}"))
+                             (f"{question}  {verdict}",
+                              f"kept {span.kept}/{span.length} visual tokens at layer {rep.layer}"))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pic.save(path)
     return True

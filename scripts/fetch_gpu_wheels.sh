@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that scripts/gpu_check.sh installs on the GPU machine (which has no internet) into
-# .whl/ (ignored by git; it travels only when the device call names it in `carry`).
+# .whl/ (ignored by git; copy it along with the repository to the GPU machine).
 #
 # The GPU machine (x86-64, CPython 3.12, torch 2.11 cu130) has transformers 5.17.0; ivcprune needs 5.23.x.
 # transformers 5.23.0 requires: huggingface-hub>=1.31,<3 (there: 1.33.0), tokenizers>=0.23.1,<0.24 (0.23.2),

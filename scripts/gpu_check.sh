@@ -5,32 +5,22 @@
 # scripts/gpu_check.py skips (or, by SIGALRM, aborts) benchmark runs that would overrun its --time-budget (330 s
 # from its start, equivalence included), so with the wheel install the whole command stays under 8 minutes.
 #
-# 1. Here (a machine with internet), once per session -- the GPU machine has transformers 5.17.0, we need 5.23.0:
+# On a GPU machine without internet whose Python lacks transformers 5.23, bring the wheels along:
 #
-#        scripts/fetch_gpu_wheels.sh        # -> .whl/transformers-5.23.0-py3-none-any.whl (13.3 MB) and
-#                                           #    .whl/regex-2026.11.19-cp312-...manylinux...whl (0.8 MB)
+#        scripts/fetch_gpu_wheels.sh        # on a machine with PyPI access: .whl/transformers-5.23.0-*.whl
+#                                           # and .whl/regex-*.whl, for CPython 3.12 on x86-64 Linux (~14 MB)
 #
-#    which runs (with .venv/bin/python, else python3):
+#    then copy the repository with its .whl/ folder (git-ignored) and run, there:
 #
-#        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#          --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#          --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl transformers==5.23.0 regex==2026.11.19
+#        bash scripts/gpu_check.sh          # installs .whl/*.whl into /tmp/site first, when the folder exists
 #
-#    Nothing else is needed: transformers 5.23's other requirements are preinstalled there in versions it accepts
-#    (huggingface-hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, typer, pyyaml, numpy, tqdm, packaging), and
-#    ivcprune imports qwen-vl-utils / av only to build inputs from real images with a processor, which this check
-#    never does (`--with-qwen-vl-utils` adds them for other work). .whl/ is git-ignored; `du -sh .whl` must stay
-#    far below the 64 MiB a device call carries (the repository itself is ~7 MB).
-#
-# 2. The device tool call (one call; the machine starts bare, so the wheels travel each time):
-#
-#        run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=480)
-#
-#    then give_back() unless rerunning at once. The report comes back as $OUT/gpu_check.md (also printed at the
-#    end of the output); options go through, e.g. "bash scripts/gpu_check.sh --skip-bench" or
+#    transformers 5.23's other requirements (huggingface-hub, tokenizers, safetensors, typer, pyyaml, numpy,
+#    tqdm, packaging) are taken from the machine; qwen-vl-utils / av are not needed (this check builds no inputs
+#    from real images; `scripts/fetch_gpu_wheels.sh --with-qwen-vl-utils` adds them for other work).
+#    Options go through to scripts/gpu_check.py, e.g. "bash scripts/gpu_check.sh --skip-bench" or
 #    "bash scripts/gpu_check.sh --image-tokens 1024 4096 --batch-sizes 1 8 --vision-depth 0".
 #
-# Here, as a smoke run on the CPU (without .whl/: its wheels are for CPython 3.12, the .venv may be another):
+# As a smoke run on the CPU (without .whl/):
 #        PYTHON=.venv/bin/python bash scripts/gpu_check.sh --device cpu --dtype float32 --quick
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -45,7 +35,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     || { echo "wheel install failed (the wheels are for CPython 3.12 on x86-64 Linux)" >&2; exit 2; }
   export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "== no .whl/ folder: using the installed packages (run scripts/fetch_gpu_wheels.sh here and carry .whl)"
+  echo "== no .whl/ folder: using the installed packages (scripts/fetch_gpu_wheels.sh fetches transformers 5.23 for an offline machine)"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -72,7 +62,7 @@ except Exception as exc:
     print("flash_attn does not import:", type(exc).__name__, str(exc)[:200])
 import transformers
 if not transformers.__version__.startswith("5.23."):
-    print(f"WARNING: transformers {transformers.__version__}, ivcprune is tested with 5.23 (carry .whl/)")
+    print(f"WARNING: transformers {transformers.__version__}, ivcprune is tested with 5.23 (see scripts/fetch_gpu_wheels.sh)")
 EOF
 
 echo "== scripts/gpu_check.py $*"

@@ -151,7 +151,9 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
         for h in handles:
             h.remove()
     rows = [out.new_tokens(b) for b in range(out.batch_size)]
-    report = out.reports[0]
+    report = out.reports[0].to_dict() if out.reports[0] is not None else None
+    if report is not None:  # the batch's selection: every row's
+        report["selection_ms"] = sum(r.selection_ms for r in out.reports)
     return GenerationRun(
         tokens=rows[0],
         prefill_s=out.timing.prefill_s,
@@ -162,7 +164,7 @@ def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tok
         kv_tokens_prompt=out.kv_tokens_prompt,
         peak_memory_bytes=mem.peak,
         llm_peak_memory_bytes=mem.second_phase_peak,
-        report=report.to_dict() if report is not None else None,
+        report=report,
         batch_size=out.batch_size,
         total_s=out.timing.total_s,
         generated_tokens=sum(len(r) for r in rows),

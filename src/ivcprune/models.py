@@ -43,12 +43,18 @@ def random_model(
     attn_implementation: str | None = "sdpa",
     device: str | torch.device = "cpu",
 ):
-    """A model with random weights and the shapes of ``name`` (nothing is downloaded)."""
+    """A model with random weights and the shapes of ``name`` (nothing is downloaded), built directly in
+    ``dtype`` on ``device`` (a 7B in bf16 never passes through float32)."""
     cfg = random_config(name, overrides, attn_implementation)
     _, model_cls = family_class(cfg.model_type).model_classes()
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = model_cls(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype).eval()
 
 

@@ -12,6 +12,7 @@ from ivcprune import (
     UnsupportedModelError,
     make_method,
 )
+from ivcprune.runtime import applied_pruner
 
 from conftest import make_inputs
 
@@ -51,7 +52,7 @@ def test_layer_not_below_depth(qwen25, layer):
         IVCPrune(layer=layer)(qwen25)  # checked when the method is called on the model
     with pytest.raises(ValueError, match=r"out of range"):
         IVCPrune(layer=layer).apply(qwen25)
-    assert getattr(qwen25, "_ivcprune_pruner", None) is None
+    assert applied_pruner(qwen25) is None
 
 
 def test_unsupported_model():
@@ -97,3 +98,79 @@ def test_inputs_embeds_without_ids_is_a_reported_noop(qwen25):
     with torch.no_grad(), p(qwen25):
         qwen25(inputs_embeds=embeds)
     assert not p.last_report.pruned and "inputs_embeds" in p.last_report.reason
+
+
+def test_copies_of_a_pruned_model_are_clean_unpruned_models(qwen25, tmp_path):
+    """deepcopy / torch.save of a model while a method is applied: the copy carries no live hook and no
+    pruner, runs unpruned, and takes a method of its own; the original keeps pruning."""
+    import copy
+
+    inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
+    with torch.no_grad():
+        full = qwen25(**inputs).logits
+        method = IVCPrune(layer=2, budget=0.25, rule="fill")
+        with method(qwen25):
+            pruned = qwen25(**inputs).logits
+            twin = copy.deepcopy(qwen25)
+            torch.save(qwen25, tmp_path / "model.pt")
+            loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+            for clone in (twin, loaded):
+                assert applied_pruner(clone) is None
+                torch.testing.assert_close(clone(**inputs).logits, full)
+                other = RandomPrune(layer=2, budget=0.5)
+                with other(clone):
+                    assert clone(**inputs).logits.shape[1] == other.last_report.kept.numel()
+            torch.testing.assert_close(qwen25(**inputs).logits, pruned)  # the original still prunes
+        assert pruned.shape[1] < full.shape[1]
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fails the test if a command loads a model: these errors must come before the (slow) load."""
+    import ivcprune.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ivcprune.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "toy", "--data", "synthetic", "--n", "0", "--out", "OUT"], "must be a positive integer"),
+    (["eval", "--model", "toy", "--data", "synthetic", "--n", "-5", "--out", "OUT"], "must be a positive integer"),
+    (["bench", "--model", "random:tiny-qwen2.5-vl", "--repeats", "0"], "must be a positive integer"),
+    (["bench", "--model", "random:tiny-qwen2.5-vl", "--image-tokens", "0"], "must be a positive integer"),
+    (["bench", "--model", "random:tiny-qwen2.5-vl", "--set", "vision.nope=3"], "has no field 'nope'"),
+    (["bench", "--model", "random:no-such-model"], "unknown random config"),
+    (["generate", "--model", "./no/such/folder", "--image", "README.md", "--prompt", "p"], "model folder not found"),
+    (["generate", "--model", "toy", "--image", "no-such.png", "--prompt", "p"], "image not found"),
+    (["generate", "--model", "toy", "--image", "README.md", "--prompt", "p", "--min-pixels", "100",
+      "--max-pixels", "10"], "--min-pixels 100 is above --max-pixels 10"),
+    (["eval", "--model", "toy", "--data", "synthetic", "--method", "ivc", "--ivc-ratio", "2", "--out", "OUT"],
+     "ivc_ratio must be in"),
+    (["eval", "--model", "toy", "--data", "synthetic", "--out", "/proc/no-such/out"], "not writable"),
+])
+def test_cli_user_errors_are_one_line_before_the_model_loads(argv, message, no_model_load, tmp_path, capsys):
+    from ivcprune.cli import main
+
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as info:
+        code = main(argv)
+        raise SystemExit(code)
+    assert info.value.code not in (0, None)
+    err = capsys.readouterr().err + (info.value.code if isinstance(info.value.code, str) else "")
+    assert message in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("ivcprune")]) == 1
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys):
+    import ivcprune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    code = cli.main(["eval", "--model", "toy", "--data", "synthetic", "--out", "x"])
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1 and "run the same command again to resume" in err

@@ -27,6 +27,40 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random:NAME models only: override a text config field (or vision.FIELD)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _check_pixels(args) -> None:
+    lo, hi = getattr(args, "min_pixels", None), getattr(args, "max_pixels", None)
+    if lo is not None and hi is not None and lo > hi:
+        raise SystemExit(f"ivcprune: error: --min-pixels {lo} is above --max-pixels {hi}")
+
+
+def _check_writable(path: str | None) -> None:
+    """``--out`` can be created and written, checked before the model loads."""
+    if not path:
+        return
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".ivcprune-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"ivcprune: error: --out {path} is not writable: {e.strerror or e}") from None
+
+
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -92,15 +126,25 @@ def _method_from_args(args, name: str | None = None, **overrides):
 def _load(args, local_rank: int | None = None):
     import torch
 
-    from .models import load_model, parse_overrides
+    from .models import load_model
 
     default = "cuda" if local_rank is None else f"cuda:{local_rank}"
     device_map = args.device_map or (default if torch.cuda.is_available() else None)
-    overrides = parse_overrides(args.overrides)
-    if overrides and not args.model.startswith("random:"):
-        raise SystemExit("--set only applies to random:NAME models")
+    overrides = _check_overrides(args)
     return load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device_map=device_map,
                       overrides=overrides)
+
+
+def _check_overrides(args) -> dict[str, Any]:
+    """``--set`` pairs, checked against the random model's config fields (before anything is built)."""
+    from .models import check_overrides, parse_overrides
+
+    overrides = parse_overrides(getattr(args, "overrides", None))
+    if overrides and not args.model.startswith("random:"):
+        raise SystemExit("ivcprune: error: --set only applies to random:NAME models")
+    if overrides:
+        check_overrides(args.model.split(":", 1)[1], overrides)
+    return overrides
 
 
 def _fmt_row(cells: list[str]) -> str:
@@ -113,12 +157,13 @@ def cmd_generate(args) -> int:
 
     args.model = _resolve_model_spec(args.model)
     method = _method_from_args(args)
-    model, processor = _load(args)
-    if processor is None:
-        raise SystemExit("random:NAME models have no tokenizer or processor; use `ivcprune bench` with them")
-    for path in args.image:
+    _check_pixels(args)
+    for path in args.image:  # everything that needs no model is checked before it loads
         if not os.path.exists(path) and not path.startswith(("http://", "https://", "data:")):
-            raise SystemExit(f"image not found: {path}")
+            raise SystemExit(f"ivcprune: error: image not found: {path}")
+    if args.model.startswith("random:"):
+        raise SystemExit("ivcprune: error: random:NAME models have no tokenizer or processor; use `ivcprune bench`")
+    model, processor = _load(args)
     request = Request(args.image, args.prompt, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     gen: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens)
     if args.do_sample:
@@ -172,6 +217,8 @@ def cmd_bench(args) -> int:
 
     method = _method_from_args(args, "ivc" if args.method == "none" else args.method)
     args.model = _resolve_model_spec(args.model)
+    _check_writable(args.out)
+    _check_overrides(args)
     model, processor = _load(args)
     result = run_bench(model, processor, method, image_tokens=args.image_tokens, batch_sizes=args.batch_size,
                        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, model_name=args.model,
@@ -188,8 +235,8 @@ def _resolve_model_spec(spec: str) -> str:
 
     try:
         return resolve_model_spec(spec)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
 
 
 def _float_list(text: str | None):
@@ -238,6 +285,8 @@ def cmd_eval(args) -> int:
             missing.append(str(e))
     if missing:
         raise SystemExit(f"{len(missing)} of {len(names)} benchmarks not found:\n" + "\n".join(missing))
+    _check_pixels(args)
+    _check_writable(args.out)
     dist = init_distributed()
     if dist.world > 1 and args.device_map == "auto":
         raise SystemExit("--device-map auto spreads one model over all GPUs: run it as one process; under torchrun "
@@ -393,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(g)
     g.add_argument("--image", action="append", required=True, help="image path or URL (repeat for several)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=_positive, default=128)
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--min-pixels", type=int, default=None)
-    g.add_argument("--max-pixels", type=int, default=None)
+    g.add_argument("--min-pixels", type=_positive, default=None)
+    g.add_argument("--max-pixels", type=_positive, default=None)
     g.add_argument("--compare", action="store_true", help="also run unpruned and compare side by side")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
     g.set_defaults(func=cmd_generate)
@@ -407,12 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="unpruned vs pruned: prefill, decode, memory, KV cache, FLOP expectation")
     _add_model_args(b)
     _add_method_args(b)
-    b.add_argument("--image-tokens", type=int, nargs="+", default=[1024],
+    b.add_argument("--image-tokens", type=_positive, nargs="+", default=[1024],
                    help="visual tokens per image after merging (one or more sizes)")
-    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (forced length)")
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--batch-size", type=int, nargs="+", default=[1],
+    b.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per run (forced length)")
+    b.add_argument("--repeats", type=_positive, default=5)
+    b.add_argument("--warmup", type=_non_negative, default=1)
+    b.add_argument("--batch-size", type=_positive, nargs="+", default=[1],
                    help="prompts of one shape generated together (one or more sizes): throughput in samples/s and "
                         "generated tokens/s, unpruned vs pruned")
     b.add_argument("--out", default=None, help="directory for bench.json and bench.md")
@@ -436,13 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: train|val|test (default test); RefCOCO folder: val|test|testA|testB")
     e.add_argument("--refs", default="all", choices=["all", "first"],
                    help="RefCOCO parquet: every referring expression of an object, or its first")
-    e.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
+    e.add_argument("--num-samples", "--n", dest="n", type=_positive, default=1000,
                    help="synthetic: number of samples (under torchrun spell it --num-samples: torchrun takes --n for "
                         "its own options)")
-    e.add_argument("--pictures", type=int, default=0, metavar="N",
+    e.add_argument("--pictures", type=_non_negative, default=0, metavar="N",
                    help="draw the kept visual tokens of the first N predicted samples of each pruned run "
                         "(RUN_DIR/pictures/ID.png: the image as the model saw it, boxes or answer, tokens by kind)")
-    e.add_argument("--limit", type=int, default=None,
+    e.add_argument("--limit", type=_positive, default=None,
                    help="only the first N samples of each benchmark (a quick look; a later run with a larger "
                         "limit or none resumes)")
     e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
@@ -458,14 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-template", default=None,
                    help="grounding: prompt with {ref}; multiple choice / yes-no: with {prompt} (the built prompt) "
                         "and/or {question}")
-    e.add_argument("--max-new-tokens", type=int, default=None,
+    e.add_argument("--max-new-tokens", type=_positive, default=None,
                    help="default: 64 grounding, 32 multiple choice, 16 yes/no")
-    e.add_argument("--min-pixels", type=int, default=None,
+    e.add_argument("--min-pixels", type=_positive, default=None,
                    help="resize images to at least this many pixels (default: the authors' setting for the model "
                         "and task, see README)")
-    e.add_argument("--max-pixels", type=int, default=None, help="... and at most this many (default: the authors')")
+    e.add_argument("--max-pixels", type=_positive, default=None,
+                   help="... and at most this many (default: the authors')")
     e.add_argument("--out", required=True, help="output directory (resumed if it holds predictions)")
-    e.add_argument("--batch-size", type=int, default=1,
+    e.add_argument("--batch-size", type=_positive, default=1,
                    help="samples answered together (left-padded; each answer equals its batch-of-one answer); "
                         "each window of 8 batches is sorted by image size to limit padding")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -502,9 +552,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        resume = " (run the same command again to resume: finished predictions are kept)" \
+            if args.command == "eval" else ""
+        print(f"ivcprune: interrupted{resume}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        print(f"ivcprune: error: {e}", file=sys.stderr)
+        print(f"ivcprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (library errors can span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) or type(error).__name__
 
 
 if __name__ == "__main__":

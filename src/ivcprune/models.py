@@ -82,6 +82,21 @@ def save_tiny_checkpoint(path: str | Path, name: str = "tiny-qwen2.5-vl", *, see
     return path
 
 
+def check_overrides(name: str, overrides: dict[str, Any]) -> None:
+    """Every ``FIELD`` / ``vision.FIELD`` of ``overrides`` exists in ``random:name``'s config."""
+    family, spec = random_spec(name)
+    default = family.build_config(spec)
+    for key in overrides:
+        part, _, field = key.rpartition(".")
+        config = {"": default.get_text_config(), "text": default.get_text_config(),
+                  "vision": default.vision_config}.get(part)
+        if config is None:
+            raise ValueError(f"--set {key}: use FIELD for the text config or vision.FIELD")
+        if not hasattr(config, field):
+            where = "vision config" if part == "vision" else "text config"
+            raise ValueError(f"--set {key}: the {where} of random:{name} has no field {field!r}")
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["num_hidden_layers=8", "vision.depth=2"]`` -> dict with ints / floats / strings."""
     out: dict[str, Any] = {}
@@ -101,8 +116,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def resolve_model_spec(spec: str) -> str:
-    """``toy`` -> the embedded grounding model's folder; any other spec unchanged."""
+    """``toy`` -> the embedded grounding model's folder; a local folder as given; a spec that can only be a
+    path (``/``, ``./``, ``~``, several ``/``) and does not exist -> :class:`FileNotFoundError`; anything
+    else is a hub id."""
+    if spec.startswith("random:"):
+        random_spec(spec.split(":", 1)[1])  # unknown names fail here, with the list of known ones
+        return spec
     if spec != "toy":
+        if Path(spec).expanduser().exists():
+            return str(Path(spec).expanduser())
+        if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or spec.endswith("/"):
+            raise FileNotFoundError(f"model folder not found: {spec}")
         return spec
     if not (TOY_DIR / "config.json").exists():
         raise FileNotFoundError(f"the embedded toy model is missing ({TOY_DIR}); train it with `ivcprune train-toy`")
@@ -133,7 +157,12 @@ def load_model(
         return model, None
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    config = AutoConfig.from_pretrained(spec)
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        where = "a local folder" if Path(spec).exists() else "no local folder of that name; as a hub id"
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise OSError(f"cannot load model {spec!r} ({where}): {first.strip()}") from None
     kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else _dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -137,6 +137,41 @@ class _Forward:
     memo: dict = field(default_factory=dict)
 
 
+# the pruner applied to each model (not an attribute of the model: copies of a model must not carry it)
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_APPLIED_LOCK = threading.Lock()
+
+
+def applied_pruner(model: torch.nn.Module) -> Pruner | None:
+    """The pruner whose hooks are on ``model``, if any."""
+    return _APPLIED.get(model)
+
+
+def _noop_hook(*args, **kwargs):
+    return None
+
+
+def _dead_hook():
+    return _noop_hook
+
+
+class _Hook:
+    """One of a pruner's hooks. A copy of the model (``copy.deepcopy``, or pickling as ``torch.save`` does)
+    gets a no-op in its place: the copy is a clean, unpruned model that takes methods of its own."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _noop_hook
+
+    def __reduce__(self):
+        return (_dead_hook, ())
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str):
     if name in kwargs:
         return kwargs[name]
@@ -149,11 +184,13 @@ class Pruner:
     ``on_reports(reports)`` is called in the forwarding thread after each prefill, one report per row."""
 
     def __init__(self, method: Method, model: torch.nn.Module, config: dict[str, Any], on_reports):
-        if getattr(model, "_ivcprune_pruner", None) is not None:
-            raise RuntimeError("a pruning method is already applied to this model; remove it first")
         self.method = method
         self.model = model
         self.adapter: Adapter = get_adapter(model)
+        with _APPLIED_LOCK:
+            if model in _APPLIED:
+                raise RuntimeError("a pruning method is already applied to this model; remove it first")
+            _APPLIED[model] = self
         self.config = config
         self.layer: int = config["layer"]
         self.needs: Needs = method.needs(config)
@@ -163,22 +200,22 @@ class Pruner:
         self._lock = threading.Lock()
         a = self.adapter
         self._handles = [
-            a.entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True),
-            a.entry.register_forward_hook(self._entry_post, with_kwargs=True),
-            a.rotary.register_forward_pre_hook(self._rotary_pre, with_kwargs=True),
+            a.entry.register_forward_pre_hook(_Hook(self._entry_pre), with_kwargs=True),
+            a.entry.register_forward_hook(_Hook(self._entry_post), with_kwargs=True),
+            a.rotary.register_forward_pre_hook(_Hook(self._rotary_pre), with_kwargs=True),
         ]
         if self.needs.values:
-            self._handles.append(a.value_module(self.layer - 1).register_forward_hook(self._value_post))
+            self._handles.append(a.value_module(self.layer - 1).register_forward_hook(_Hook(self._value_post)))
         for idx in range(self.layer, a.num_layers):
-            self._handles.append(a.layers[idx].register_forward_pre_hook(self._layer_pre(idx), with_kwargs=True))
-        model._ivcprune_pruner = self
+            self._handles.append(a.layers[idx].register_forward_pre_hook(_Hook(self._layer_pre(idx)), with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if getattr(self.model, "_ivcprune_pruner", None) is self:
-            self.model._ivcprune_pruner = None
+        with _APPLIED_LOCK:
+            if _APPLIED.get(self.model) is self:
+                del _APPLIED[self.model]
 
     @property
     def _state(self) -> _Forward | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -214,3 +215,42 @@ def test_pope_rows_shared_between_splits_count_in_each():
     # overall over the exploded rows: yes predicted 3 (2 right), yes truth 2 -> precision 2/3, recall 1
     assert (m["n"], m["n_scored"]) == (3, 4) and m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
     assert m["score"] == pytest.approx(100 * 0.8)
+
+
+def test_a_second_row_of_an_index_is_skipped_and_reported(tmp_path):
+    """A prediction is stored by id: a TSV row (or RefCOCO object) whose id an earlier one has would replace
+    its prediction or be taken for done. It is skipped with its line and the reason "duplicate index"."""
+    path = write_tsv(tmp_path / "dup.tsv", ["index", "question", "answer", "image"], [
+        [1, "Is it red?", "yes", b64_image((200, 0, 0))],
+        [2, "Is it green?", "no", b64_image((200, 0, 0))],
+        [1, "Is it blue?", "no", b64_image((0, 0, 200))],
+    ])
+    skipped = []
+    rows = list(read_vqa_tsv(path, "yesno", skipped))
+    assert [(r.id, r.question) for r in rows] == [("1", "Is it red?"), ("2", "Is it green?")]
+    assert [(s.index, s.line, s.reason) for s in skipped] == [("1", 4, "duplicate index")]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = refcoco_parquet(tmp_path)
+    file = root / "data" / "val-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), file)  # object val-0 once more
+    skipped = []
+    rows = list(read_refcoco_parquet(root, "val", "all", skipped))
+    assert [r.id for r in rows] == ["val-0#0", "val-0#1", "val-1#0"]
+    assert [(s.index, s.line, s.reason) for s in skipped][1:] == [("val-0", 4, "duplicate index")]
+
+
+@pytest.mark.parametrize("task, benchmark", [("grounding", None), ("mcq", None), ("yesno", "POPE"), ("yesno", "MME")])
+def test_no_record_no_score(task, benchmark):
+    """Every metric copes with zero records, and none turns nothing into a number a table would show."""
+    from ivcprune.evals.metrics import grounding_metrics, mme_scores
+
+    m = score_records([], task, benchmark)
+    assert m["n"] == 0 and m["score"] is None and m["accuracy"] is None and m["mean_kept_visual_ratio"] is None
+    json.dumps(m)
+    for fn in (grounding_metrics, mcq_metrics, yesno_metrics):
+        assert fn([])["score"] is None
+    assert mme_scores([])["mme_total"] == 0 and yesno_metrics([], "MME")["score"] is None

@@ -14,7 +14,7 @@ from ivcprune import (
 )
 from ivcprune.runtime import applied_pruner
 
-from conftest import make_inputs
+from conftest import make_inputs, make_model
 
 
 @pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.01, 2])
@@ -100,10 +100,14 @@ def test_inputs_embeds_without_ids_is_a_reported_noop(qwen25):
     assert not p.last_report.pruned and "inputs_embeds" in p.last_report.reason
 
 
-def test_copies_of_a_pruned_model_are_clean_unpruned_models(qwen25, tmp_path):
+def test_copies_of_a_pruned_model_are_clean_unpruned_models(tmp_path):
     """deepcopy / torch.save of a model while a method is applied: the copy carries no live hook and no
     pruner, runs unpruned, and takes a method of its own; the original keeps pruning."""
     import copy
+
+    # a model of its own: once called with output_hidden_states, transformers leaves hooks on a model that
+    # pickle cannot save (whatever ivcprune does)
+    qwen25 = make_model("qwen2_5_vl")
 
     inputs = make_inputs(qwen25, media=(("image", 1, 12, 16),))
     with torch.no_grad():
@@ -174,3 +178,22 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     code = cli.main(["eval", "--model", "toy", "--data", "synthetic", "--out", "x"])
     err = capsys.readouterr().err
     assert code == 130 and err.count("\n") == 1 and "run the same command again to resume" in err
+
+
+def test_a_folder_of_another_run_is_refused_before_the_model_loads(no_model_load, tmp_path, capsys):
+    import json
+
+    from ivcprune.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"model_path": "another/model", "benchmark": "synthetic_test",
+                                              "method": "none"}))
+    (out / "predictions.jsonl").write_text('{"id": "0", "pos": 0}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", "toy", "--data", "synthetic", "--n", "3", "--out", str(out)])
+    assert "holds predictions of another run (model_path differ" in str(info.value.code)
+    (out / "run.json").write_text('{"model_pa')  # damaged: named, before the model loads
+    assert main(["eval", "--model", "toy", "--data", "synthetic", "--n", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json is damaged" in err and err.count("\n") == 1

@@ -101,7 +101,7 @@ def test_eval_tsv_comparison_and_malformed(tiny_ckpt, tmp_path, capsys):
                "--budgets", "0.5,0.25", "--layer", "2", "--out", str(out), "--max-new-tokens", "3", "--quiet"])
     assert rc == 0
     captured = capsys.readouterr()
-    assert "skipped 1 malformed rows, e.g. row bad" in captured.err
+    assert "skipped 1 rows, e.g. row bad" in captured.err
     table = (out / "comparison.md").read_text()
     assert table.count("\n") == 2 + 5  # header, rule, 5 runs
     for name in ("none", "ivc-b0.5", "ivc-b0.25", "random-b0.5", "random-b0.25"):

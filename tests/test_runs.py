@@ -1,10 +1,13 @@
 """`ivcprune eval / score / compare` end to end on the embedded model: every benchmark format, metrics by
-hand, resume after a crash, 2-process data parallelism equal to 1 process, comparison tables."""
+hand, resume after a crash, 2-process data parallelism equal to 1 process, comparison tables; every row
+accounted for once (duplicates, --limit), runs with nothing to score, failed samples retried (faults:
+test_faults.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,8 @@ import pytest
 
 from ivcprune.cli import main
 from ivcprune.evals import tasks
-from ivcprune.evals.runner import RUN_FIELDS, compare_table, find_runs, merge_parts
+from ivcprune.evals.grounding_data import SkippedRow
+from ivcprune.evals.runner import RUN_FIELDS, NothingToScoreError, compare_table, find_runs, merge_parts, run_resumable
 
 from benchfix import mmbench_tsv, mme_tsv, pope_tsv, refcoco_parquet
 
@@ -44,7 +48,7 @@ def test_every_format_end_to_end(data, tmp_path, capsys):
     expected = {"MMBench_DEV_EN_V11": ("mcq", 5, 2), "MME": ("yesno", 6, 1), "POPE": ("yesno", 6, 1),
                 "refcoco_val": ("grounding", 3, 1)}
     for bench, (task, n, n_skipped) in expected.items():
-        assert f"{bench} none: skipped {n_skipped} malformed rows" in err
+        assert f"{bench} none: skipped {n_skipped} " in err
         for run in ("none", "ivc-b0.5"):
             m = json.loads((out / bench / run / "metrics.json").read_text())
             assert (m["task"], m["n"], m["n_skipped"], m["benchmark"]) == (task, n, n_skipped, bench)
@@ -115,8 +119,7 @@ def test_resume_after_crash(data, tmp_path, monkeypatch, capsys):
         return real(*a, **kw)
 
     monkeypatch.setattr(tasks, "generate_answers", dying)
-    with pytest.raises(KeyboardInterrupt):
-        _eval(out, str(data["pope"]), *args)
+    assert _eval(out, str(data["pope"]), *args) == 130  # the CLI says how to resume
     monkeypatch.setattr(tasks, "generate_answers", real)
     assert len(_records(out)) == 3
     with open(out / "predictions.jsonl", "a") as f:
@@ -212,6 +215,9 @@ def test_two_processes_equal_one(data, tmp_path):
             m1 = json.loads((one / bench / run / "metrics.json").read_text())
             m2 = json.loads((two / bench / run / "metrics.json").read_text())
             assert m2["world_size"] == 2 and m2["score"] == m1["score"] and m2["n"] == m1["n"]
+            # every row counted once, all ranks together
+            assert (m2["n_rows"], m2["n_skipped"], m2["n_failed"]) == (m1["n_rows"], m1["n_skipped"], 0)
+            assert m2["n"] + m2["n_skipped"] + m2["n_failed"] == m2["n_rows"]
             assert not list((two / bench / run).glob("predictions.part*"))
 
 
@@ -275,3 +281,157 @@ def test_failing_samples_are_reported_and_retried(data, tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "generate_answers", broken)  # every sample fails: the error surfaces
     with pytest.raises(RuntimeError, match="wrong setup"):
         main(["eval", "--model", "toy", "--data", str(data["mme"]), "--out", str(tmp_path / "g"), "--quiet"])
+
+
+def _accounted(m: dict) -> bool:
+    return m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
+
+
+def test_every_row_is_accounted_for_once(data, tmp_path, capsys):
+    """A TSV with a second row of an index, malformed rows, --limit, and a --limit run over a folder that
+    holds more: each row predicted, skipped (with its reason) or failed, once."""
+    tsv = tmp_path / "MMBench_DEV_EN_V11.tsv"
+    lines = data["mmbench"].read_text().splitlines(keepends=True)
+    dup = next(x for x in lines if x.startswith("2\t")).replace("How many objects?", "How many things?")
+    tsv.write_text("".join(lines) + dup)  # row 9: index 2 again
+    out = tmp_path / "dup"
+    assert _eval(out, str(tsv)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_skipped"], m["n_duplicates"], m["n_failed"], m["n_rows"]) == (5, 3, 1, 0, 8) and _accounted(m)
+    assert {"index": "2", "line": 9, "reason": "duplicate index"} in m["skipped"]
+    assert next(r for r in _records(out) if r["id"] == "2")["category"] == "count"  # the first row of index 2
+    assert [r["id"] for r in _records(out)] == ["0", "1", "2", "1000000", "1000001"]
+    # a quick look at the first 2 samples of a folder that holds all 5: those 2 are the run's rows
+    with pytest.warns(UserWarning, match="3 records of predictions.jsonl are of rows this run did not read"):
+        assert _eval(out, str(tsv), "--limit", "2") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_rows"], m["n_new"], m["n_outside"]) == (2, 2, 0, 3) and _accounted(m)
+    assert len(_records(out)) == 5  # kept in the file, left out of the metrics
+    capsys.readouterr()
+    assert main(["score", str(out), "--json"]) == 0  # `score` keeps the last run's rows
+    assert json.loads(capsys.readouterr().out)[0]["n"] == 2
+    assert _eval(out, str(tsv)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_rows"], m["n_new"], m["n_outside"]) == (5, 8, 0, 0) and _accounted(m)
+
+
+class _S:
+    def __init__(self, sid, payload=None):
+        self.id, self.payload = sid, payload
+
+
+def _fake_predict(s):
+    if str(s.id).startswith("bad"):
+        raise ValueError(f"cannot read {s.id}")
+    return {"id": s.id, "task": "mcq", "pred": "A", "gt": "A", "correct": True, "payload": s.payload}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_second_row_of_an_id_is_skipped_not_predicted(tmp_path, batch_size):
+    """Rows of one id in one batch were both predicted (the second replaced the first); in one at a time
+    the second was taken for done and vanished. Now: the first is predicted, the second skipped."""
+    samples = [_S("a", 1), _S("b", 2), _S("a", 3), _S("c", 4), _S("a", 5)]
+    batches = []
+
+    def predict_batch(batch):
+        batches.append([s.id for s in batch])
+        return [_fake_predict(s) for s in batch]
+
+    m = run_resumable(samples, None, tmp_path / "r", info={"task": "mcq"}, progress=False, batch_size=batch_size,
+                      predict_batch=predict_batch)
+    assert (m["n"], m["n_skipped"], m["n_rows"]) == (3, 2, 5) and _accounted(m)
+    assert [s["reason"] for s in m["skipped"]] == ["duplicate index"] * 2
+    recs = [json.loads(x) for x in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["payload"]) for r in recs] == [("a", 1), ("b", 2), ("c", 4)]
+    assert sorted(i for b in batches for i in b) == ["a", "b", "c"]
+
+
+def test_records_of_another_sample_are_refused(tmp_path):
+    """A predict that answers for the wrong sample (or not JSON) fails that sample; nothing is invented."""
+    def predict(s):
+        if s.id == "x":
+            return {"id": "y", "task": "mcq", "correct": True}
+        if s.id == "z":
+            return {"id": "z", "task": "mcq", "correct": True, "blob": object()}
+        return {"task": "mcq", "pred": "A", "gt": "A", "correct": True}  # no id: the sample's
+
+    m = run_resumable([_S("w"), _S("x"), _S("y"), _S("z")], predict, tmp_path / "r", info={"task": "mcq"},
+                      progress=False)
+    assert (m["n"], m["n_failed"], m["n_rows"]) == (2, 2, 4) and m["failed_ids"] == ["x", "z"]
+    assert "has the id y" in m["failed"][0]["error"] and "not JSON serializable" in m["failed"][1]["error"]
+
+
+@pytest.mark.parametrize("rows, skipped, reason", [
+    ([], [], "no sample was predicted: the input has no rows"),
+    ([], [SkippedRow(str(i), i + 2, "ValueError: answer 'A' is not yes/no") for i in range(12)],
+     "no sample was predicted: 12 rows skipped as malformed (e.g. row 0: ValueError: answer 'A' is not yes/no); "
+     "is this data of the task 'yesno' (--task)?"),
+    ([_S("bad1"), _S("bad2")], [SkippedRow("q", 2, "ValueError: no image")],
+     "no sample was predicted: 2 failed (e.g. bad1: ValueError: cannot read bad1), 1 rows skipped as malformed "
+     "(e.g. row q: ValueError: no image)"),
+])
+def test_nothing_to_score_is_an_error_not_a_score(tmp_path, rows, skipped, reason):
+    d = tmp_path / "r"
+    with pytest.raises(NothingToScoreError, match=re.escape(reason)):
+        run_resumable(rows, _fake_predict, d, info={"task": "yesno", "benchmark": "POPE", "method": "none"},
+                      progress=False, skipped=list(skipped))
+    m = json.loads((d / "metrics.json").read_text())  # written first
+    assert m["score"] is None and m["error"] == reason and m["n"] == 0 and _accounted(m)
+    with pytest.warns(UserWarning, match="no score .*left out of the table"):
+        table, out_rows = compare_table(find_runs([d]))
+    assert out_rows == [] and len(table.splitlines()) == 2
+
+
+def test_wrong_task_fails_the_command_and_stays_out_of_tables(data, tmp_path, capsys):
+    out = tmp_path / "wrong"
+    assert _eval(out, str(data["mmbench"]), "--task", "yesno") != 0  # every row malformed for yes/no
+    err = capsys.readouterr().err
+    assert "no sample was predicted: 7 rows skipped as malformed (e.g. row 0: ValueError: answer 'A' is not " \
+           "yes/no)" in err and "Traceback" not in err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["score"] is None and m["n_rows"] == 7 and "error" in m
+    with pytest.warns(UserWarning, match="no score .*left out of the table"):
+        assert main(["compare", str(out)]) == 0
+    assert "| method |" in capsys.readouterr().out
+
+
+def test_known_bad_samples_do_not_stop_the_resume(tmp_path):
+    """The first-samples-fail guard counts fresh failures only: a resume that retries samples that failed
+    before (and fail again) completes; failures of new samples, with nothing predicted, still stop it."""
+    d = tmp_path / "r"
+    rows = [_S(i) for i in ("a", "bad1", "bad2", "bad3", "b")]
+    m = run_resumable(rows, _fake_predict, d, info={"task": "mcq"}, progress=False)
+    assert (m["n"], m["n_failed"], m["failed_ids"]) == (2, 3, ["bad1", "bad2", "bad3"])
+    m = run_resumable(rows, _fake_predict, d, info={"task": "mcq"}, progress=False)  # raised before
+    assert (m["n"], m["n_failed"], m["n_new"], m["failed_ids"]) == (2, 3, 0, ["bad1", "bad2", "bad3"])
+    assert _accounted(m)
+    more = [*rows, *(_S(f"bad{i}") for i in range(4, 7))]  # three new samples that fail: a setup error
+    with pytest.raises(ValueError, match="cannot read bad6"):
+        run_resumable(more, _fake_predict, d, info={"task": "mcq"}, progress=False)
+    # every failed id is kept (the list of errors is capped)
+    many = [_S("ok"), *(_S(f"bad{i}") for i in range(60))]
+    m = run_resumable(many, _fake_predict, tmp_path / "many", info={"task": "mcq"}, progress=False)
+    assert (m["n_failed"], len(m["failed"]), len(m["failed_ids"])) == (60, 50, 60) and _accounted(m)
+    m = run_resumable(many, _fake_predict, tmp_path / "many", info={"task": "mcq"}, progress=False)
+    assert (m["n_failed"], m["n_new"]) == (60, 0)
+
+
+def test_a_resume_with_known_bad_samples_completes_every_method(data, tmp_path, monkeypatch, capsys):
+    real = tasks.generate_answers
+
+    def no_cars(model, processor, prompts, method, **kw):  # 3 of the 6 POPE samples always fail
+        if any("car" in text for _, text in prompts):
+            raise ValueError("unreadable image")
+        return real(model, processor, prompts, method, **kw)
+
+    monkeypatch.setattr(tasks, "generate_answers", no_cars)
+    out = tmp_path / "bad"
+    args = ("--methods", "none,ivc", "--budgets", "0.5")
+    for attempt in range(2):  # the second run only retries the three, which fail again
+        assert _eval(out, str(data["pope"]), *args) == 0
+        err = capsys.readouterr().err
+        for run in ("none", "ivc-b0.5"):
+            m = json.loads((out / run / "metrics.json").read_text())
+            assert (m["n"], m["n_failed"], m["n_new"]) == (3, 3, 3 if attempt == 0 else 0) and _accounted(m)
+            assert m["failed_ids"] == ["1", "3", "5"]
+            assert f"POPE {run}: 3 samples failed" in err

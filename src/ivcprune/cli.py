@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -54,7 +55,7 @@ def _check_writable(path: str | None) -> None:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ivcprune-write-check"
+        probe = out / f".write-check.{os.getpid()}"  # one per process: torchrun ranks check at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -251,32 +252,56 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name))
 
 
+# run.json fields known before the model loads: a run folder holding another run is refused before it loads
+_EARLY_IDENTITY = ("model_path", "benchmark", "source", "task", "method")
+
+
+def _eval_runs(args, benches, built) -> list[tuple[Any, str, str, Any, Path]]:
+    """``(benchmark, run name, method name, method, run folder)`` of every run of the command."""
+    out = Path(args.out)
+    runs = []
+    for bench in benches:
+        bench_dir = out / bench.name if len(benches) > 1 else out
+        for name, m, _, _, method in built:
+            runs.append((bench, name, m, method, bench_dir if len(built) == 1 else bench_dir / name))
+    return runs
+
+
+def _check_run_folder(run_dir: Path, early: dict[str, Any]) -> None:
+    """Refuse, before the model loads, a folder whose predictions belong to another run (or whose run.json
+    is damaged); the full identity (resolved knobs, dtype, ...) is checked again when the run starts."""
+    from .evals.runner import prediction_files, read_run_info
+
+    if not any(p.exists() and p.stat().st_size for p in prediction_files(run_dir)):
+        return  # nothing to protect: the run writes its run.json anew
+    old = read_run_info(run_dir)
+    diff = [k for k in _EARLY_IDENTITY if k in old and old[k] != early[k]]
+    if diff:
+        raise SystemExit(f"ivcprune: error: {run_dir} holds predictions of another run ({', '.join(diff)} differ: "
+                         f"{ {k: old[k] for k in diff} }); choose another --out or delete it")
+
+
 def cmd_eval(args) -> int:
     from .evals.benchmarks import expand_data, load_benchmark
-    from .evals.grounding import comparison_markdown
     from .evals.plan import grid
-    from .evals.runner import init_distributed, run_resumable
-    from .evals.tasks import authors_pixels, predict_samples, sample_size
-    from .families import family_class
-    from .methods import method_label, method_names
+    from .evals.runner import init_distributed, lock_run_dir
+    from .methods import method_names
 
     spec, args.model = args.model, _resolve_model_spec(args.model)
     methods = args.methods.split(",") if args.methods else [args.method]
     budgets = _float_list(args.budgets) if args.budgets else [args.knob_budget]
     layers = _int_list(args.layers) if args.layers else [args.knob_layer]
-    runs = grid(methods, budgets, layers)
     for m in methods:
         if m not in method_names():
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(method_names())}")
+            raise SystemExit(f"ivcprune: error: unknown method {m!r}; choose from {', '.join(method_names())}")
     # each method takes the knobs it has (bad values fail here, before the model loads)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
-    built = [(name, m, b, k, _method_from_args(args, m, budget=b, layer=k)) for name, m, b, k in runs]
+    built = [(name, m, b, k, _method_from_args(args, m, budget=b, layer=k))
+             for name, m, b, k in grid(methods, budgets, layers)]
     benches, missing = [], []
     try:
         names = expand_data(args.data)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"ivcprune: error: {e}") from None
     for data in names:  # every benchmark is found before the model loads; all missing ones are named at once
         try:
             benches.append(load_benchmark(data, task=args.task, split=args.split, data_dir=args.data_dir, n=args.n,
@@ -291,93 +316,120 @@ def cmd_eval(args) -> int:
     if dist.world > 1 and args.device_map == "auto":
         raise SystemExit("--device-map auto spreads one model over all GPUs: run it as one process; under torchrun "
                          "each rank takes the GPU of its LOCAL_RANK")
-    model, processor = _load(args, dist.local_rank if dist.world > 1 else None)
-    if processor is None:
-        raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
-    family = args.style or model.config.model_type
-    from .families import get_adapter
+    runs = _eval_runs(args, benches, built)
+    with contextlib.ExitStack() as held:  # every run folder: checked and locked before the model loads
+        for bench, _, m, _, run_dir in runs:
+            _check_run_folder(run_dir, {"model_path": args.model, "benchmark": bench.name, "source": bench.source,
+                                        "task": bench.task, "method": m})
+            held.enter_context(lock_run_dir(run_dir, dist))
+        model, processor = _load(args, dist.local_rank if dist.world > 1 else None)
+        if processor is None:
+            raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
+        rows, errors = _run_evals(args, spec, model, processor, runs, dist, single_bench=len(benches) == 1)
+    if dist.rank == 0:
+        _write_comparison(args, rows, several=len(built) > 1 or len(benches) > 1, grounding_only=len(benches) == 1)
+    dist.close()
+    for e in errors:
+        print(f"ivcprune: error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
-    resolved_of = {name: method.resolve(get_adapter(model)) if method is not None else {}
-                   for name, _, _, _, method in built}
+
+def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: bool):
+    """Run every ``(benchmark, name, method name, method, folder)``; ``(metrics of rank 0, errors)``. A run with
+    nothing to score is reported and the others go on."""
     from .bench import environment
+    from .evals.benchmarks import count_rows
+    from .evals.runner import NothingToScoreError, run_resumable
+    from .evals.tasks import authors_pixels, predict_samples, sample_size
+    from .families import family_class, get_adapter
+    from .methods import method_label
 
+    family = args.style or model.config.model_type
     env = environment(model)  # dtype and attention must match to resume a run; the rest is recorded
-    out = Path(args.out)
-    rows = []
-    for bench in benches:
+    rows, errors = [], []
+    for bench, name, m, method, run_dir in runs:
         if bench.total is None and bench.source.lower().endswith(".tsv") and not args.quiet and dist.rank == 0:
-            from .evals.benchmarks import count_rows
-
             bench.total = count_rows(bench.source)  # rows, malformed ones included
-        bench_dir = out / bench.name if len(benches) > 1 else out
-        for name, m, _, _, method in built:
-            run_dir = bench_dir if len(built) == 1 else bench_dir / name
-            resolved = resolved_of[name]
-            prompt = args.prompt_template
-            if bench.task == "grounding" and prompt is None:
-                prompt = family_class(family).grounding_prompt
-            info = {"name": name, "model": spec, "model_path": args.model, "data": args.data if len(benches) == 1
-                    else bench.name, "benchmark": bench.name, "source": bench.source, "task": bench.task,
-                    "method": m, "label": method_label(m),
-                    "budget": resolved.get("budget") if method else None,
-                    "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
-                    "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                    "seed": args.seed if bench.source == "synthetic" else None,
-                    "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
-                    "environment": {**env, "world_size": dist.world}}
-            lo, hi = authors_pixels(model.config, bench.task)
-            pixels = (args.min_pixels or lo, args.max_pixels or hi)
-            info["pixels"] = list(pixels)
-            skipped: list = []
+        resolved = method.resolve(get_adapter(model)) if method is not None else {}
+        prompt = args.prompt_template
+        if bench.task == "grounding" and prompt is None:
+            prompt = family_class(family).grounding_prompt
+        lo, hi = authors_pixels(model.config, bench.task)
+        pixels = (args.min_pixels or lo, args.max_pixels or hi)
+        info = {"name": name, "model": spec, "model_path": args.model,
+                "data": args.data if single_bench else bench.name, "benchmark": bench.name, "source": bench.source,
+                "task": bench.task, "method": m, "label": method_label(m),
+                "budget": resolved.get("budget") if method else None,
+                "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
+                "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "seed": args.seed if bench.source == "synthetic" else None, "pixels": list(pixels),
+                "refs": args.refs, "gt_frame": args.gt_frame,
+                "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
+                "environment": {**env, "world_size": dist.world}}
+        skipped: list = []
 
-            # pictures of the kept tokens: the first --pictures samples this process predicts (rank 0
-            # only), counting those a run before drew; unpruned runs have none to draw
-            pictures = run_dir / "pictures"
-            drawn = len(list(pictures.glob("*.png"))) if pictures.is_dir() else 0
-            budget = {"left": max(0, args.pictures - drawn) if method is not None and dist.rank == 0 else 0}
+        # pictures of the kept tokens: the first --pictures samples this process predicts (rank 0
+        # only), counting those a run before drew; unpruned runs have none to draw
+        pictures = run_dir / "pictures"
+        drawn = len(list(pictures.glob("*.png"))) if pictures.is_dir() else 0
+        budget = {"left": max(0, args.pictures - drawn) if method is not None and dist.rank == 0 else 0}
 
-            def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
-                paths = []
-                for sample in batch:  # a picture for each sample while the budget lasts
-                    paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
-                recs = predict_samples(model, processor, batch, method, family=family,
-                                       max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
-                                       pictures=paths)
-                budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
-                return recs
+        def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
+            paths = []
+            for sample in batch:  # a picture for each sample while the budget lasts
+                paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
+            recs = predict_samples(model, processor, batch, method, family=family,
+                                   max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
+                                   pictures=paths)
+            budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
+            return recs
 
-            samples, total = bench.open(skipped), bench.total
-            if args.limit is not None:
-                samples = itertools.islice(samples, args.limit)
-                total = args.limit if total is None else min(total, args.limit)
+        samples, total = bench.open(skipped), bench.total
+        if args.limit is not None:
+            samples = itertools.islice(samples, args.limit)
+            total = args.limit if total is None else min(total, args.limit)
+        try:
             metrics = run_resumable(samples, None, run_dir, info=info, total=total, progress=not args.quiet,
                                     dist=dist, skipped=skipped, batch_size=args.batch_size, predict_batch=predict,
                                     order_key=sample_size)
-            if metrics is None:  # not rank 0
-                continue
-            rows.append(metrics)
-            if skipped:
-                print(f"{bench.name} {name}: skipped {len(skipped)} malformed rows, e.g. row {skipped[0].index}: "
-                      f"{skipped[0].reason}", file=sys.stderr)
-            if metrics["n_failed"]:
-                print(f"{bench.name} {name}: {metrics['n_failed']} samples failed (retried by the next run), e.g. "
-                      f"{metrics['failed'][0]['id']}: {metrics['failed'][0]['error']}", file=sys.stderr)
-            kept = 100 * metrics["mean_kept_visual_ratio"]
-            print(f"{bench.name} {name}: score {metrics['score']:.1f}  kept {kept:.1f}%  n {metrics['n']}  "
-                  f"-> {run_dir}", file=sys.stderr)
-    if dist.rank != 0:
-        return 0
-    if all(r["task"] == "grounding" for r in rows) and len(benches) == 1:
+        except NothingToScoreError as e:  # reported at the end; the other runs go on
+            errors.append(f"{bench.name} {name}: {e}")
+            continue
+        if metrics is None:  # not rank 0
+            continue
+        rows.append(metrics)
+        _print_run(bench.name, name, metrics, skipped, run_dir)
+    return rows, errors
+
+
+def _print_run(bench: str, name: str, metrics: dict[str, Any], skipped: list, run_dir: Path) -> None:
+    if skipped:
+        print(f"{bench} {name}: skipped {len(skipped)} rows, e.g. row {skipped[0].index}: {skipped[0].reason}",
+              file=sys.stderr)
+    if metrics["n_failed"]:
+        print(f"{bench} {name}: {metrics['n_failed']} samples failed (retried by the next run), e.g. "
+              f"{metrics['failed'][0]['id']}: {metrics['failed'][0]['error']}", file=sys.stderr)
+    kept = 100 * metrics["mean_kept_visual_ratio"]
+    print(f"{bench} {name}: score {metrics['score']:.1f}  kept {kept:.1f}%  n {metrics['n']}  -> {run_dir}",
+          file=sys.stderr)
+
+
+def _write_comparison(args, rows: list[dict[str, Any]], *, several: bool, grounding_only: bool) -> None:
+    """The table of the command's runs: printed, and written (atomically) when there are several."""
+    from .evals.grounding import comparison_markdown
+    from .evals.runner import atomic_write_text, compare_table
+
+    if not rows:
+        return
+    if grounding_only and all(r["task"] == "grounding" for r in rows):
         table = comparison_markdown(rows)
     else:
-        from .evals.runner import compare_table
-
         table, _ = compare_table(rows)
-    if len(built) > 1 or len(benches) > 1:
-        (out / "comparison.md").write_text(table + "\n")
-        (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    if several:
+        out = Path(args.out)
+        atomic_write_text(out / "comparison.md", table + "\n")
+        atomic_write_text(out / "comparison.json", json.dumps(rows, indent=2))
     print(table)
-    return 0
 
 
 def cmd_score(args) -> int:
@@ -397,7 +449,8 @@ def cmd_score(args) -> int:
         print(json.dumps(results, indent=2))
         return 0
     for d, m in zip(dirs, results):
-        print(f"{d}: {m.get('benchmark') or m.get('data')} {m.get('label', m.get('method'))}: score {m['score']:.2f} "
+        score = f"{m['score']:.2f}" if m.get("score") is not None else f"none ({m.get('error', 'nothing to score')})"
+        print(f"{d}: {m.get('benchmark') or m.get('data')} {m.get('label', m.get('method'))}: score {score} "
               f"n {m['n']}", file=sys.stderr)
     table, _ = compare_table([{**m, "_dir": str(d)} for d, m in zip(dirs, results)])
     print(table)
@@ -405,7 +458,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evals.runner import compare_table, find_runs
+    from .evals.runner import atomic_write_text, compare_table, find_runs
 
     try:
         runs = find_runs(args.run_dir)
@@ -413,7 +466,7 @@ def cmd_compare(args) -> int:
         raise SystemExit(str(e)) from None
     table, rows = compare_table(runs)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        atomic_write_text(args.out, table + "\n")
     print(json.dumps(rows, indent=2) if args.json else table)
     return 0
 
@@ -548,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .evals.runner import RankFailedError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -557,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "eval" else ""
         print(f"ivcprune: interrupted{resume}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, OSError, RankFailedError) as e:
         print(f"ivcprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

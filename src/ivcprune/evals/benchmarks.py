@@ -11,7 +11,10 @@ A benchmark is named by a path (a ``.tsv`` / ``.parquet`` file, or a RefCOCO dat
   ``RefCOCOplus``, ``RefCOCOg``) under ``--data-dir``, else in the Hugging Face cache (offline).
 
 Every reader yields :class:`Sample` in file order; a malformed row is not yielded but appended to
-``skipped`` with its index, line and reason, and the run goes on.
+``skipped`` with its index, line and reason, and the run goes on. A row whose index an earlier row of the
+benchmark has is skipped the same way, with the reason ``"duplicate index"`` (a prediction is stored by
+id: the second row would replace the first, or be taken for done); so is a RefCOCO object whose
+``question_id`` an earlier object has. Every row read is either yielded or in ``skipped``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from ..inputs import EncodedImage, read_image_field
 from .grounding_data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
 
 TASKS = ("mcq", "yesno", "grounding")
+# the reason of a row skipped because an earlier row of the benchmark has its index (id)
+DUPLICATE = "duplicate index"
 
 # VLMEvalKit benchmark names -> task; the headline metric of each is documented in evals.metrics.
 VQA_BENCHMARKS = {
@@ -160,8 +165,13 @@ def read_vqa_tsv(path: str | Path, task: str, skipped: list[SkippedRow] | None =
         letters = [c for c in string.ascii_uppercase if c in cols]
         if task == "mcq" and len(letters) < 2:
             raise ValueError(f"{path}: a multiple-choice TSV needs option columns A, B, ...")
+        seen: set[str] = set()
         for line, row in enumerate(reader, start=2):
             idx = str(row.get("index") or "").strip() or f"line{line}"
+            if idx in seen:  # a second row of an index: its prediction would replace the first one's
+                skipped.append(SkippedRow(index=idx, line=line, reason=DUPLICATE))
+                continue
+            seen.add(idx)
             try:
                 raw = row.get("image")
                 key = idx
@@ -244,6 +254,7 @@ def read_refcoco_parquet(path: str | Path, split: str | None = None, refs: str =
         raise ValueError(f"refs must be 'all' or 'first', got {refs!r}")
     skipped = skipped if skipped is not None else []
     root = Path(path)
+    seen: set[str] = set()  # question ids of the split (over all its files)
     for file in _parquet_files(root, split):
         pf = pq.ParquetFile(file)
         missing = {"image", "bbox", "answer"} - set(pf.schema_arrow.names)
@@ -254,6 +265,10 @@ def read_refcoco_parquet(path: str | Path, split: str | None = None, refs: str =
             for row in batch.to_pylist():
                 row_no += 1
                 qid = str(row.get("question_id") or f"{file.stem}:{row_no}")
+                if qid in seen:  # its expressions would have the ids of the first row's
+                    skipped.append(SkippedRow(index=qid, line=row_no, reason=DUPLICATE))
+                    continue
+                seen.add(qid)
                 try:
                     img = row["image"]
                     if isinstance(img, dict) and img.get("bytes"):

@@ -10,12 +10,17 @@ Every metrics dict has ``score``, the benchmark's headline number (0-100, except
 - POPE and other yes/no sets: F1 of "yes" over all rows, in % (accuracy, precision, recall and the
   same per split / category are reported too); a row listed under several splits (``"popular,random"``)
   counts once in each split and once per split overall, as VLMEvalKit counts it.
+
+No record, no score: every metric function returns ``score: None`` (and ``None`` for its other means)
+for an empty list, so that a run that predicted nothing never shows a number in a table.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +30,52 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 CIRCULAR_OFFSET = 1_000_000
 
 
-def read_records(paths: list[Path]) -> dict[str, dict]:
-    """Records of prediction files by id (the last one of an id wins; lines cut by a crash are ignored)."""
-    records: dict[str, dict] = {}
+@dataclass
+class Scan:
+    """What the prediction files hold: ``records`` by id (the last one of an id wins), the lines that are
+    no record (``bad_lines``: ``"path:line"``; a last line a kill cut short is not one of them: it is
+    expected, and dropped silently) and how many records an id later in the files replaced."""
+
+    records: dict[str, dict]
+    bad_lines: list[str] = field(default_factory=list)
+    replaced: int = 0
+
+
+def scan_records(paths: list[Path]) -> Scan:
+    """Read prediction files (JSON lines with an ``id``): see :class:`Scan`."""
+    scan = Scan({})
     for p in paths:
-        if not Path(p).exists():
+        p = Path(p)
+        if not p.exists():
             continue
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                    records[str(rec["id"])] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-    return records
+        lines = p.read_bytes().split(b"\n")
+        for no, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                key = str(rec["id"])
+            except (ValueError, KeyError, TypeError, IndexError):  # UnicodeDecodeError is a ValueError
+                if no < len(lines):  # a line ended by a newline, yet no record: damage, not a kill
+                    scan.bad_lines.append(f"{p}:{no}")
+                continue
+            if key in scan.records:
+                scan.replaced += 1
+                del scan.records[key]  # the last record of an id wins, and takes its place in the order
+            scan.records[key] = rec
+    return scan
+
+
+def read_records(paths: list[Path], *, warn: bool = True) -> dict[str, dict]:
+    """Records of prediction files by id (the last one of an id wins; a last line cut by a crash is
+    ignored; a damaged line elsewhere is ignored with a warning: its sample is not done, so the next run
+    of the evaluation predicts it again)."""
+    scan = scan_records(paths)
+    if scan.bad_lines and warn:
+        more = f" and {len(scan.bad_lines) - 3} more" if len(scan.bad_lines) > 3 else ""
+        warnings.warn(f"{', '.join(scan.bad_lines[:3])}{more}: not a prediction record (damaged line), ignored; "
+                      f"the next run of the evaluation predicts its sample again", stacklevel=2)
+    return scan.records
 
 
 def _mean(values) -> float:
@@ -53,12 +87,19 @@ def _common(recs: list[dict]) -> dict[str, Any]:
     kept = [r["kept_visual_ratio"] for r in recs if r.get("kept_visual_ratio") is not None]
     return {
         "n": len(recs),
-        "mean_kept_visual_ratio": _mean(kept) if kept else 1.0,
-        "mean_prefill_s": _mean(r.get("prefill_s", 0.0) for r in recs),
+        "mean_kept_visual_ratio": _mean(kept) if kept else 1.0 if recs else None,
+        "mean_prefill_s": _mean(r.get("prefill_s", 0.0) for r in recs) if recs else None,
     }
 
 
+def _nothing(**fields) -> dict[str, Any]:
+    """Metrics of no record: no score (a mean over nothing is no number), nothing that could enter a table."""
+    return {**_common([]), "accuracy": None, "score": None, "n_unparseable": 0, **fields}
+
+
 def grounding_metrics(recs: list[dict]) -> dict[str, Any]:
+    if not recs:
+        return _nothing(mean_iou=None, accuracy_by_kind={})
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for r in recs:
         if r.get("kind"):
@@ -83,6 +124,8 @@ def _by(recs: list[dict], key: str) -> dict[str, list[dict]]:
 
 
 def mcq_metrics(recs: list[dict]) -> dict[str, Any]:
+    if not recs:
+        return _nothing(accuracy_by_category={})
     acc = _mean(r["correct"] for r in recs)
     out = {
         **_common(recs),
@@ -152,6 +195,8 @@ def _explode_categories(recs: list[dict]) -> list[dict]:
 
 
 def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, Any]:
+    if not recs:
+        return _nothing(n_scored=0, precision=None, recall=None, f1=None, yes_ratio=None, by_category={})
     samples = recs
     if not (benchmark or "").upper().startswith("MME"):
         recs = _explode_categories(recs)
@@ -171,7 +216,8 @@ def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, A
 
 
 def score_records(recs: list[dict], task: str, benchmark: str | None = None) -> dict[str, Any]:
-    """Metrics of records of one task (``grounding``, ``mcq`` or ``yesno``)."""
+    """Metrics of records of one task (``grounding``, ``mcq`` or ``yesno``); no record gives ``score``
+    ``None`` (and ``n`` 0), never a number."""
     if task == "grounding":
         return grounding_metrics(recs)
     if task == "mcq":

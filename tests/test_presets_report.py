@@ -71,3 +71,19 @@ def test_report_contents_and_json(qwen25):
     assert d["kept"] == rep.kept.tolist() and d["spans"][0]["grid"] == [1, 6, 8]
     assert d["config"]["layer"] == 2 and d["visual_kept"] == 24
     assert "kept 24/48" in rep.summary()
+
+
+def test_a_span_without_text_after_it_is_noted(qwen25):
+    """The queries come from the text after a span; a prompt ending with its image falls back to the last
+    text token before it, and the report says so."""
+    from conftest import make_inputs
+
+    inputs = make_inputs(qwen25, media=(("image", 1, 8, 8),), text_after=0)
+    # the prompt ends with the vision-end marker right after the image
+    inputs = {k: v[:, :-2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in inputs.items()}
+    p = IVCPrune(layer=2, budget=0.5)
+    with torch.no_grad(), p(qwen25):
+        qwen25(**inputs)
+    rep = p.last_report
+    assert rep.pruned and "no text after the span" in rep.reason and rep.spans[0].kept == 8

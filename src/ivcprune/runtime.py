@@ -89,7 +89,7 @@ class SpanInput:
     def text_after(self, offset: int) -> torch.Tensor:
         """Chunk indices of the row's text tokens from ``offset`` tokens after the span's end (other visual
         spans excluded); the last text token when there are none."""
-        idx = torch.arange(self.local_start + self.length + offset, self.row.length)
+        idx = torch.arange(min(self.local_start + self.length + offset, self.row.length), self.row.length)
         idx = idx[~self.row.visual[idx]]
         if idx.numel() == 0:
             idx = (~self.row.visual).nonzero().squeeze(1)[-1:]
@@ -102,6 +102,7 @@ class SpanSelection:
 
     kept: torch.Tensor  # sorted
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    note: str | None = None  # something the user should know (joined into the report's ``reason``)
 
 
 class Method(Protocol):
@@ -416,13 +417,15 @@ class Pruner:
             )
             positions = st.positions[:, b, real]
             keep_mask = ~visual
-            span_reports = []
+            span_reports, notes = [], []
             for i, s in enumerate(spans):
                 span_pos = positions[:, s.start : s.start + s.length]
                 inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
                                 row=row)
                 sel = self.method.select(inp, self.config)
+                if sel.note:
+                    notes.append(f"{s.kind} {i}: {sel.note}")
                 kept = sel.kept.cpu()
                 keep_mask[s.start + kept] = True
                 span_reports.append(SpanReport(
@@ -434,7 +437,7 @@ class Pruner:
             reports.append(PruneReport(
                 method=self.method.name, layer=self.layer, seq_len=row.past + len(real),
                 kept=torch.cat([torch.arange(row.past), keep + row.past]), spans=span_reports,
-                config=dict(self.config), reason=None if spans else NO_VISUAL,
+                config=dict(self.config), reason="; ".join(notes) or (None if spans else NO_VISUAL),
                 selection_ms=1000 * (time.perf_counter() - t0),
             ))
         self._on_reports(reports)

@@ -180,7 +180,7 @@ class IVCPrune(PruningMethod):
         n_seed = sel.ratio_count(config["seed_ratio"], L)
         if config["min_one_seed"]:
             n_seed = max(1, n_seed)
-        fg, seeds = self._foreground(span, config, n_seed)
+        fg, seeds, note = self._foreground(span, config, n_seed)
         groups["seed"] = seeds.cpu()
         priority.append(groups["seed"])
         fg = fg.cpu()
@@ -189,14 +189,19 @@ class IVCPrune(PruningMethod):
             kept, groups["foreground"] = sel.union_rule(L, priority, fg, fg_count)
         else:
             kept, groups["foreground"] = sel.fill_to_budget(L, priority, fg, target)
-        return SpanSelection(kept, groups)
+        return SpanSelection(kept, groups, note)
 
     def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int):
-        row = span.row
+        """``(scores, seeds, note)``: the two-stage foreground scores, with the text queries from
+        ``query_offset`` tokens after the span (the last text token, and a note, when there are none)."""
+        first = span.local_start + span.length + config["query_offset"]
         queries = span.text_after(config["query_offset"])
-        values = row.values
+        note = None if queries.numel() and int(queries[0]) >= first else \
+            "no text after the span; the last text token is the query"
+        values = span.row.values
         kwargs: dict[str, Any] = {"numerics": config["numerics"]}
         if config["softmax_domain"] == "sequence":
             kwargs.update(sequence_values=values, span_start=span.local_start)
-        return sel.foreground_scores(span.visual_values, values[:, queries.to(values.device)], n_seed, **kwargs)
+        fg, seeds = sel.foreground_scores(span.visual_values, values[:, queries.to(values.device)], n_seed, **kwargs)
+        return fg, seeds, note
 

@@ -76,7 +76,7 @@ class SpanReport:
 
 @dataclass
 class PruneReport:
-    """What the last prefill kept (batch size 1).
+    """What one row of the last prefill kept, in the row's own coordinates (its tokens without padding).
 
     ``kept`` is the sorted 1-D LongTensor of prompt positions that exist from layer ``layer`` on.
     When nothing was pruned (no visual span, or a budget that keeps everything) ``pruned`` is False

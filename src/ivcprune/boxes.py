@@ -3,6 +3,17 @@
 Qwen2.5-VL answers ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` (often inside a ```json fence, often
 as a list) in pixels of the resized image; Qwen2-VL answers ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
 in a 0-1000 frame. The same parser serves the project's own model and real checkpoints.
+
+Two parsers (``BOX_PARSERS``):
+
+- ``authors`` (the default, the paper protocol): what the IVC-Prune authors' VLMEvalKit fork accepts
+  (``vlmeval/vlm/qwen2_vl/model.py`` / ``vlm/ivcp/qwen2_5_ivcp.py``: ``extract_bbox_coordinates`` and
+  ``extract_and_normalize_coordinates``): the first ``"bbox_2d":`` (quoted key, colon right after it) followed by
+  ``[x1, y1, x2, y2]`` of unsigned integers (spaces only after the commas) for Qwen2.5-VL; the first
+  ``(x1,y1),(x2,y2)`` of unsigned integers without any space for Qwen2-VL. Corners are kept as written (a swapped
+  box has IoU 0, as in their ``bbox_overlaps``); anything else is a miss (they answer ``[0, 0, 0, 0]``).
+- ``lenient``: this project's parser: floats, signs, spaces, ``bbox``/unquoted keys, JSON lists, bare
+  ``[a, b, c, d]`` lists, swapped corners put in order.
 """
 
 from __future__ import annotations
@@ -71,13 +82,37 @@ def parse_qwen2_box(text: str) -> Box | None:
 
 PARSERS = {"bbox_2d": parse_qwen25_box, "box_tokens": parse_qwen2_box}
 
+# the authors' patterns (re-stated, not copied): integers only, the exact spacing their regexes allow
+_AUTHORS_BBOX = re.compile(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]')
+_AUTHORS_QWEN2 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
 
-def parse_box(text: str, box_format: str = "bbox_2d") -> Box | None:
+
+def authors_qwen25_box(text: str) -> Box | None:
+    """Qwen2.5-VL box as the authors' evaluation reads it: the first well-formed integer ``"bbox_2d": [...]``,
+    corners as written; ``None`` (their ``[0, 0, 0, 0]``, a miss) otherwise."""
+    m = _AUTHORS_BBOX.search(text) if isinstance(text, str) else None
+    return tuple(float(v) for v in m.groups()) if m else None
+
+
+def authors_qwen2_box(text: str) -> Box | None:
+    """Qwen2-VL box as the authors' evaluation reads it: the first ``(x1,y1),(x2,y2)`` of integers with no
+    space, in its 0-1000 frame, corners as written; ``None`` otherwise."""
+    m = _AUTHORS_QWEN2.search(text) if isinstance(text, str) else None
+    return tuple(float(v) for v in m.groups()) if m else None
+
+
+AUTHORS_PARSERS = {"bbox_2d": authors_qwen25_box, "box_tokens": authors_qwen2_box}
+BOX_PARSERS = {"authors": AUTHORS_PARSERS, "lenient": PARSERS}
+
+
+def parse_box(text: str, box_format: str = "bbox_2d", parser: str = "lenient") -> Box | None:
     """Parse an answer in a box format (a family's ``box_format``): ``bbox_2d`` (JSON, Qwen2.5-VL) or
-    ``box_tokens`` (``(x1,y1),(x2,y2)``, Qwen2-VL)."""
+    ``box_tokens`` (``(x1,y1),(x2,y2)``, Qwen2-VL), with the ``lenient`` or the ``authors`` parser."""
+    if parser not in BOX_PARSERS:
+        raise ValueError(f"unknown box parser {parser!r}; choose from {', '.join(BOX_PARSERS)}")
     if box_format not in PARSERS:
         raise ValueError(f"unknown box format {box_format!r}; choose from {', '.join(PARSERS)}")
-    return PARSERS[box_format](text)
+    return BOX_PARSERS[parser][box_format](text)
 
 
 def scale_box(box: Box, sx: float, sy: float) -> Box:

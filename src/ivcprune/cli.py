@@ -311,6 +311,7 @@ def cmd_eval(args) -> int:
     if missing:
         raise SystemExit(f"{len(missing)} of {len(names)} benchmarks not found:\n" + "\n".join(missing))
     _check_pixels(args)
+    _check_judge(args)
     _check_writable(args.out)
     dist = init_distributed()
     if dist.world > 1 and args.device_map == "auto":
@@ -334,11 +335,33 @@ def cmd_eval(args) -> int:
     return 1 if errors else 0
 
 
+def _grounding_prompt(args, spec: str) -> str:
+    """``--grounding-prompt``; by default the authors' prompts, except for the embedded model, which was
+    trained on this project's prompt (the authors' wording takes its Acc@0.5 from 22.7 to 3.7)."""
+    return args.grounding_prompt or ("ivcprune" if spec == "toy" else "authors")
+
+
+def _check_judge(args) -> None:
+    """--judge needs --judge-model and a reachable host (checked before the model loads; nothing is asked)."""
+    if not getattr(args, "judge", None):
+        return
+    from .evals.judge import Judge, JudgeError
+
+    if not args.judge_model:
+        raise SystemExit("ivcprune: error: --judge needs --judge-model NAME")
+    try:
+        Judge(args.judge, args.judge_model).check()
+    except JudgeError as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
+
+
 def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: bool):
     """Run every ``(benchmark, name, method name, method, folder)``; ``(metrics of rank 0, errors)``. A run with
     nothing to score is reported and the others go on."""
     from .bench import environment
     from .evals.benchmarks import count_rows
+    from .evals.judge import CACHE as JUDGE_CACHE
+    from .evals.judge import Judge, judge_records
     from .evals.runner import NothingToScoreError, run_resumable
     from .evals.tasks import authors_pixels, predict_samples, sample_size
     from .families import family_class, get_adapter
@@ -353,7 +376,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
         resolved = method.resolve(get_adapter(model)) if method is not None else {}
         prompt = args.prompt_template
         if bench.task == "grounding" and prompt is None:
-            prompt = family_class(family).grounding_prompt
+            prompt = family_class(family).grounding_prompts()[_grounding_prompt(args, spec)]
         lo, hi = authors_pixels(model.config, bench.task)
         pixels = (args.min_pixels or lo, args.max_pixels or hi)
         info = {"name": name, "model": spec, "model_path": args.model,
@@ -363,7 +386,9 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
                 "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "seed": args.seed if bench.source == "synthetic" else None, "pixels": list(pixels),
-                "refs": args.refs, "gt_frame": args.gt_frame,
+                "refs": args.refs, "gt_frame": args.gt_frame, "boxes": args.boxes, "answers": args.answers,
+                "grounding_prompt": _grounding_prompt(args, spec) if args.prompt_template is None else "template",
+                "judge_model": args.judge_model if args.judge else None, "judge_url": args.judge,
                 "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
                 "environment": {**env, "world_size": dist.world}}
         skipped: list = []
@@ -374,13 +399,18 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
         drawn = len(list(pictures.glob("*.png"))) if pictures.is_dir() else 0
         budget = {"left": max(0, args.pictures - drawn) if method is not None and dist.rank == 0 else 0}
 
-        def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget):
+        judge = Judge(args.judge, args.judge_model, cache=run_dir / JUDGE_CACHE) if args.judge else None
+
+        def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget,
+                    judge=judge):
             paths = []
             for sample in batch:  # a picture for each sample while the budget lasts
                 paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
             recs = predict_samples(model, processor, batch, method, family=family,
                                    max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
-                                   pictures=paths)
+                                   pictures=paths, boxes=args.boxes, answers=args.answers)
+            if judge is not None:  # only answers exact matching could not read (pred None)
+                judge_records(judge, batch, recs)
             budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
             return recs
 
@@ -433,7 +463,7 @@ def _write_comparison(args, rows: list[dict[str, Any]], *, several: bool, ground
 
 
 def cmd_score(args) -> int:
-    from .evals.runner import compare_table, run_dirs, score_run
+    from .evals.runner import MissingRunInfoError, compare_table, run_dirs, score_run
 
     dirs = []
     for p in args.run_dir:
@@ -444,7 +474,15 @@ def cmd_score(args) -> int:
         if not found:
             raise SystemExit(f"{p}: no predictions.jsonl here or below")
         dirs.extend(found)
-    results = [score_run(d) for d in dirs]
+    given = {k: v for k, v in (("benchmark", args.benchmark), ("task", args.task)) if v}
+    if given.get("benchmark"):
+        from .evals.benchmarks import canonical_name
+
+        given["benchmark"] = canonical_name(given["benchmark"])
+    try:
+        results = [score_run(d, given=given, answers=args.answers) for d in dirs]
+    except MissingRunInfoError as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -560,6 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-template", default=None,
                    help="grounding: prompt with {ref}; multiple choice / yes-no: with {prompt} (the built prompt) "
                         "and/or {question}")
+    e.add_argument("--boxes", default="authors", choices=["authors", "lenient"],
+                   help="grounding answers: read as the IVC-Prune authors' evaluation did (well-formed integer boxes "
+                        "only, anything else a miss; README, Comparability) or by this project's lenient parser")
+    e.add_argument("--grounding-prompt", default=None, choices=["authors", "ivcprune"],
+                   help="grounding prompt: the authors' evaluation's (default) or this project's (the default of "
+                        "--model toy, which was trained on it); --prompt-template overrides both")
+    e.add_argument("--judge", default=None, metavar="URL",
+                   help="OpenAI-compatible chat-completions endpoint asked about multiple-choice / yes-no answers "
+                        "exact matching cannot read (key: $IVCPRUNE_JUDGE_API_KEY or $OPENAI_API_KEY); replies "
+                        "cached in RUN_DIR/judge_cache.jsonl")
+    e.add_argument("--judge-model", default=None, metavar="NAME", help="the judge's model name")
     e.add_argument("--max-new-tokens", type=_positive, default=None,
                    help="default: 64 grounding, 32 multiple choice, 16 yes/no")
     e.add_argument("--min-pixels", type=_positive, default=None,
@@ -572,11 +621,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples answered together (left-padded; each answer equals its batch-of-one answer); "
                         "each window of 8 batches is sorted by image size to limit padding")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--answers", default="vlmevalkit", choices=["vlmevalkit", "lenient"],
+                   help="multiple-choice / yes-no answer reading: VLMEvalKit's exact matching (default, comparable "
+                        "to published numbers) or ivcprune's lenient rules; records keep both")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("score", help="recompute metrics.json of runs from their predictions alone")
     s.add_argument("run_dir", nargs="+", help="run directories (or folders holding them)")
     s.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    s.add_argument("--answers", default=None, choices=["vlmevalkit", "lenient"],
+                   help="read the stored raw answers again under this mode (default: each run's own mode)")
+    s.add_argument("--benchmark", default=None, metavar="NAME",
+                   help="the benchmark of predictions without their run.json (required then: MME and POPE are scored "
+                        "differently); overrides run.json's")
+    s.add_argument("--task", default=None, choices=["grounding", "mcq", "yesno"],
+                   help="the task, where neither run.json nor the records tell")
     s.set_defaults(func=cmd_score)
 
     c = sub.add_parser("compare", help="one markdown table over runs: score and relative score per benchmark")

@@ -32,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from ..inputs import EncodedImage, read_image_field
+from .answers import PANDAS_NA
 from .grounding_data import GroundingItem, SkippedRow, read_grounding_tsv, synthetic_items
 
 TASKS = ("mcq", "yesno", "grounding")
@@ -106,6 +107,12 @@ def _open_tsv(path: Path):
 
 def _blank(value: Any) -> bool:
     return value is None or str(value).strip() in ("", "nan", "NaN", "None")
+
+
+def _missing_option(value: Any) -> bool:
+    """An option cell VLMEvalKit reads as no option: one of pandas' default missing-value strings (exactly:
+    ``None``, ``NA``, ``N/A``, ``NaN``, ``null``, empty ...), or white space only."""
+    return value is None or str(value) in PANDAS_NA or not str(value).strip()
 
 
 def count_rows(path: str | Path) -> int:
@@ -194,11 +201,13 @@ def read_vqa_tsv(path: str | Path, task: str, skipped: list[SkippedRow] | None =
                 answer = str(row.get("answer") or "").strip()
                 options: dict[str, str] = {}
                 if task == "mcq":
-                    options = {c: str(row[c]).strip() for c in letters if not _blank(row.get(c))}
-                    if len(options) < 2:
-                        raise ValueError("fewer than two options")
-                    if answer not in options:
-                        raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
+                    # as VLMEvalKit (pandas) reads them: "None", "NA", "N/A", "" ... cells are missing options;
+                    # the row stays, and an answer naming such an option can never be matched
+                    options = {c: str(row[c]).strip() for c in letters if not _missing_option(row.get(c))}
+                    if not options:
+                        raise ValueError("no options")
+                    if answer not in letters:
+                        raise ValueError(f"answer {answer!r} is not one of the options {letters}")
                 else:
                     low = answer.lower()
                     if low not in ("yes", "no"):

@@ -22,11 +22,32 @@ def to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tuple
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
+def authors_to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tuple[int, int]):
+    """:func:`to_original` as the authors' evaluation maps boxes (``Grounding_COCO.evaluate`` of their
+    VLMEvalKit fork): Qwen2-VL boxes are divided by 1000; then a box whose coordinates are all <= 1.1 is
+    taken as normalised and multiplied by the original width / height. Any other Qwen2-VL box (a coordinate
+    over 1100) stays as divided, compared with pixels (a miss in practice); any other Qwen2.5-VL box is in
+    pixels (of the resized image, mapped to the original here: IoU is the same in either frame). So an
+    integer Qwen2.5-VL box of 0s and 1s only is read as the whole-image fraction, as theirs is."""
+    if box is None:
+        return None
+    W, H = original_wh
+    frame_1000 = family_class(style).box_frame == "1000"
+    v = tuple(c / 1000.0 for c in box) if frame_1000 else tuple(box)
+    if all(c <= 1.1 for c in v):
+        return (v[0] * W, v[1] * H, v[2] * W, v[3] * H)
+    return v if frame_1000 else to_original(box, style, resized_wh, original_wh)
+
+
 def grounding_record(sample_id: str, ref: str, text: str, gt, style: str, resized_wh: tuple[int, int],
-                     original_wh: tuple[int, int], kind: str | None = None) -> dict[str, Any]:
-    """Judge one grounding answer: parse the box in the model's frame, map it to original pixels, IoU."""
-    raw_box = parse_box(text, family_class(style).box_format)
-    box = to_original(raw_box, style, resized_wh, original_wh)
+                     original_wh: tuple[int, int], kind: str | None = None, parser: str = "authors"
+                     ) -> dict[str, Any]:
+    """Judge one grounding answer: parse the box in the model's frame (``parser``: ``authors`` or
+    ``lenient``, :mod:`ivcprune.boxes`), map it to original pixels, IoU. ``hit`` is decided on the IoU the
+    record holds (unrounded), the one the score counts."""
+    raw_box = parse_box(text, family_class(style).box_format, parser)
+    mapping = authors_to_original if parser == "authors" else to_original
+    box = mapping(raw_box, style, resized_wh, original_wh)
     value = iou(box, gt)
     return {
         "id": sample_id,
@@ -36,8 +57,9 @@ def grounding_record(sample_id: str, ref: str, text: str, gt, style: str, resize
         "box_model": list(raw_box) if raw_box else None,
         "box": [round(v, 2) for v in box] if box else None,
         "gt": [round(v, 2) for v in gt],
-        "iou": round(value, 6),
+        "iou": value,
         "hit": value >= 0.5,
+        "boxes": parser,
         "kind": kind,
         "resized": list(resized_wh),
     }

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .answers import MODES, predictions
+
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -97,14 +99,19 @@ def _nothing(**fields) -> dict[str, Any]:
     return {**_common([]), "accuracy": None, "score": None, "n_unparseable": 0, **fields}
 
 
+def _hit(r: dict) -> bool:
+    """A grounding record's hit as the record decided it (``hit``), from its IoU in older records."""
+    return bool(r["hit"]) if "hit" in r else r["iou"] >= 0.5
+
+
 def grounding_metrics(recs: list[dict]) -> dict[str, Any]:
     if not recs:
         return _nothing(mean_iou=None, accuracy_by_kind={})
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for r in recs:
         if r.get("kind"):
-            by_kind[r["kind"]].append(r["iou"] >= 0.5)
-    acc = _mean(r["iou"] >= 0.5 for r in recs)
+            by_kind[r["kind"]].append(_hit(r))
+    acc = _mean(_hit(r) for r in recs)
     return {
         **_common(recs),
         "accuracy": acc,
@@ -130,7 +137,7 @@ def mcq_metrics(recs: list[dict]) -> dict[str, Any]:
     out = {
         **_common(recs),
         "accuracy": acc,
-        "n_unparseable": sum(r.get("pred") is None for r in recs),
+        **_unparseable(recs),
         "accuracy_by_category": {k: _mean(r["correct"] for r in v) for k, v in _by(recs, "category").items()},
     }
     if any(r.get("l2_category") for r in recs):
@@ -202,7 +209,7 @@ def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, A
         recs = _explode_categories(recs)
     stats = _yes_no_stats(recs)
     out = {**_common(samples), **{k: v for k, v in stats.items() if k != "n"}, "n_scored": stats["n"],
-           "n_unparseable": sum(r.get("pred") is None for r in samples)}
+           **_unparseable(samples)}
     groups = _by(recs, "category")
     out["by_category"] = {k: _yes_no_stats(v) for k, v in groups.items()}
     if (benchmark or "").upper().startswith("MME"):
@@ -215,9 +222,45 @@ def yesno_metrics(recs: list[dict], benchmark: str | None = None) -> dict[str, A
     return out
 
 
-def score_records(recs: list[dict], task: str, benchmark: str | None = None) -> dict[str, Any]:
+def reread_answers(recs: list[dict], task: str, mode: str | None = None) -> list[dict]:
+    """Records with ``pred`` / ``pred_<mode>`` / ``correct`` extracted again from their raw ``answer`` under
+    ``mode`` (default: the mode the record was made under, ``answers``). Records that cannot be read again
+    are kept as they are: those of before the modes (no ``answers``) when no mode is asked, multiple-choice
+    records without their ``options``. An answer no rule reads keeps the LLM judge's verdict (``judge``)."""
+    if task not in ("mcq", "yesno"):
+        return recs
+    out = []
+    for r in recs:
+        m = mode or r.get("answers")
+        if m is None or "answer" not in r or (task == "mcq" and not isinstance(r.get("options"), dict)):
+            out.append(r)
+            continue
+        preds = predictions(task, r["answer"], r.get("options"), m)
+        if preds["pred"] is None and isinstance(r.get("judge"), dict):  # the LLM judge's verdict, where asked
+            preds["pred"] = r["judge"].get("verdict")
+        out.append({**r, **preds, "correct": preds["pred"] is not None and preds["pred"] == r.get("gt")})
+    return out
+
+
+def _unparseable(recs: list[dict]) -> dict[str, Any]:
+    """``n_unparseable`` (the mode each record was scored under) and ``n_unparseable_<mode>`` for every mode
+    where the records carry it; ``answers``: the mode(s) of the records."""
+    out: dict[str, Any] = {"n_unparseable": sum(r.get("pred") is None for r in recs)}
+    for m in MODES:
+        if recs and all(f"pred_{m}" in r for r in recs):
+            out[f"n_unparseable_{m}"] = sum(r[f"pred_{m}"] is None for r in recs)
+    modes = sorted({str(r.get("answers")) for r in recs if r.get("answers")})
+    if modes:
+        out["answers"] = modes[0] if len(modes) == 1 else ",".join(modes)
+    return out
+
+
+def score_records(recs: list[dict], task: str, benchmark: str | None = None,
+                  answers: str | None = None) -> dict[str, Any]:
     """Metrics of records of one task (``grounding``, ``mcq`` or ``yesno``); no record gives ``score``
-    ``None`` (and ``n`` 0), never a number."""
+    ``None`` (and ``n`` 0), never a number. Multiple-choice and yes/no answers are read again from the raw
+    ``answer`` (:func:`reread_answers`) under ``answers`` (else each record's own mode)."""
+    recs = reread_answers(recs, task, answers)
     if task == "grounding":
         return grounding_metrics(recs)
     if task == "mcq":

@@ -69,12 +69,17 @@ RUN_FIELDS = ("n_rows", "n_skipped", "n_duplicates", "skipped", "n_failed", "fai
 SYSTEMATIC_FAILURES = 3
 # run.json fields that must match when a run directory is resumed
 IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels",
-            "dtype", "attn_implementation", "seed", "split", "refs", "gt_frame")
+            "dtype", "attn_implementation", "seed", "split", "refs", "gt_frame", "boxes", "judge_model",
+            "answers")
 CAP = 50  # skipped rows and failures listed in metrics.json (their counts are exact)
 
 
 class RunLockedError(ValueError):
     """Another process writes this run directory (the CLI prints it as one line)."""
+
+
+class MissingRunInfoError(ValueError):
+    """``ivcprune score`` of predictions whose benchmark nothing names (no ``run.json``, no ``--benchmark``)."""
 
 
 class NothingToScoreError(ValueError):
@@ -641,9 +646,10 @@ def _nothing_reason(m: dict[str, Any]) -> str:
     return text
 
 
-def _score(run_dir: Path, extra: dict[str, Any] | None, covered: set[str] | None) -> dict[str, Any]:
+def _score(run_dir: Path, extra: dict[str, Any] | None, covered: set[str] | None,
+           given: dict[str, Any] | None = None, answers: str | None = None) -> dict[str, Any]:
     files = prediction_files(run_dir)
-    info = read_run_info(run_dir)
+    info = {**read_run_info(run_dir), **(given or {})}
     old = _read_metrics(run_dir)
     records = read_records(files)
     if covered is None:  # `score`: the rows the last run covered, as far as metrics.json tells
@@ -659,7 +665,7 @@ def _score(run_dir: Path, extra: dict[str, Any] | None, covered: set[str] | None
     task = info.get("task") or (recs[0].get("task", "grounding") if recs else "grounding")
     kept_extra = {k: old[k] for k in RUN_FIELDS if k in old}
     metrics = {**info, "task": task, **kept_extra, **(extra or {}), "n_outside": len(outside),
-               "outside_ids": outside, **score_records(recs, task, info.get("benchmark"))}
+               "outside_ids": outside, **score_records(recs, task, info.get("benchmark"), answers)}
     if not outside:
         del metrics["outside_ids"]
     if not recs:
@@ -669,19 +675,27 @@ def _score(run_dir: Path, extra: dict[str, Any] | None, covered: set[str] | None
     return metrics
 
 
-def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_run(run_dir: str | Path, extra: dict[str, Any] | None = None, given: dict[str, Any] | None = None,
+              answers: str | None = None) -> dict[str, Any]:
     """Recompute ``metrics.json`` of a run from its predictions (``ivcprune score``).
 
     The fields that describe the last run (:data:`RUN_FIELDS`: counts of rows, skipped, failed) are kept
     from the old ``metrics.json``; a damaged one is rebuilt with a warning naming it (those fields are
     then lost). ``score`` is ``None``, with ``error`` saying why, when there is no record. Takes the run's
-    lock (:class:`RunLockedError` while a run writes the directory)."""
+    lock (:class:`RunLockedError` while a run writes the directory). ``given`` (``benchmark``, ``task``) stands in
+    for, or overrides, those fields of ``run.json``; without ``run.json`` the benchmark must be given (MME and
+    POPE are both yes/no and scored differently): :class:`MissingRunInfoError` otherwise. ``answers``: read
+    multiple-choice / yes-no answers again under this mode (default: each record's own)."""
     run_dir = Path(run_dir)
     files = prediction_files(run_dir)
     if not any(p.exists() for p in files):
         raise FileNotFoundError(f"{run_dir}: no {PRED} (not a run directory)")
+    if not (given or {}).get("benchmark") and not read_run_info(run_dir).get("benchmark"):
+        raise MissingRunInfoError(f"{run_dir}: no run.json (or no benchmark in it) to tell which benchmark these "
+                                  "predictions are of, and so how to score them; name it: --benchmark NAME (and "
+                                  "--task grounding|mcq|yesno when the records do not say)")
     with _hold(run_dir):
-        return _score(run_dir, extra, covered=None)
+        return _score(run_dir, extra, covered=None, given=given, answers=answers)
 
 
 # -- comparison across runs --------------------------------------------------------------------------

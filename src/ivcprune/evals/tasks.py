@@ -6,8 +6,9 @@ Prompts follow what the authors' evaluation used (VLMEvalKit's Qwen2-VL / Qwen2.
   line, then "Please select the correct answer from the options above." (the Chinese instruction when
   the prompt is Chinese);
 - yes/no: the question plus " Please answer yes or no." unless the question already asks for it (MME);
-- grounding: the family's ``grounding_prompt`` (JSON ``bbox_2d`` for Qwen2.5-VL, ``<|box_start|>`` in a
-  0-1000 frame for Qwen2-VL).
+- grounding: the family's ``authors_grounding_prompt`` (``--grounding-prompt authors``) or its
+  ``grounding_prompt`` (``ivcprune``) (JSON ``bbox_2d`` for Qwen2.5-VL, ``<|box_start|>`` in a 0-1000 frame for
+  Qwen2-VL); answers are read by the ``authors`` or ``lenient`` box parser (``--boxes``).
 
 Images are resized within the pixel bounds the authors configured per model and task
 (:func:`authors_pixels`; ``--min-pixels`` / ``--max-pixels`` override them). Decoding is greedy. Records
@@ -28,7 +29,7 @@ from typing import Any
 from ..families import FAMILIES, Family
 from ..generation import Request, generate_batch
 from ..methods import PruningMethod
-from .answers import extract_choice, extract_yes_no
+from .answers import DEFAULT_MODE, predictions
 from .benchmarks import Sample
 from .grounding import grounding_record
 
@@ -124,11 +125,12 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
 
 def predict_sample(model, processor, sample: Sample, method: PruningMethod | None, *, family: str,
                    max_new_tokens: int | None = None, prompt_template: str | None = None,
-                   pixels: tuple[int | None, int | None] = (None, None), picture=None) -> dict[str, Any]:
+                   pixels: tuple[int | None, int | None] = (None, None), picture=None,
+                   answers: str = DEFAULT_MODE) -> dict[str, Any]:
     """Answer one sample and judge it; the record the run's predictions file gets. With ``picture`` (a
     path), a pruned sample's kept tokens are drawn there too (:func:`save_picture`)."""
     return predict_samples(model, processor, [sample], method, family=family, max_new_tokens=max_new_tokens,
-                           prompt_template=prompt_template, pixels=pixels, pictures=[picture])[0]
+                           prompt_template=prompt_template, pixels=pixels, pictures=[picture], answers=answers)[0]
 
 
 # answer length per task where --max-new-tokens is not given
@@ -137,23 +139,23 @@ DEFAULT_MAX_NEW_TOKENS = {"grounding": 64, "mcq": 32, "yesno": 16}
 
 def predict_samples(model, processor, samples: Sequence[Sample], method: PruningMethod | None, *, family: str,
                     max_new_tokens: int | None = None, prompt_template: str | None = None,
-                    pixels: tuple[int | None, int | None] = (None, None), pictures: Sequence[Any] | None = None
-                    ) -> list[dict[str, Any]]:
+                    pixels: tuple[int | None, int | None] = (None, None), pictures: Sequence[Any] | None = None,
+                    boxes: str = "authors", answers: str = DEFAULT_MODE) -> list[dict[str, Any]]:
     """:func:`predict_sample` for several samples, answered in batches (one per answer length); every
     record equals the one its sample gets alone (timings aside). ``pictures``: a path or ``None`` per
-    sample."""
+    sample; ``answers``: the answer-reading mode (:mod:`ivcprune.evals.answers`)."""
     prompts = [sample_prompt(s, family, prompt_template) for s in samples]
     limits = [max_new_tokens or DEFAULT_MAX_NEW_TOKENS[s.task] for s in samples]
     gens: list[Generated | None] = [None] * len(samples)
     for limit in dict.fromkeys(limits):
         rows = [i for i, n in enumerate(limits) if n == limit]
-        answers = generate_answers(model, processor, [(samples[i].images, prompts[i]) for i in rows], method,
-                                   max_new_tokens=limit, pixels=pixels)
-        for i, gen in zip(rows, answers, strict=True):
+        outs = generate_answers(model, processor, [(samples[i].images, prompts[i]) for i in rows], method,
+                                max_new_tokens=limit, pixels=pixels)
+        for i, gen in zip(rows, outs, strict=True):
             gens[i] = gen
     records = []
     for i, (sample, gen) in enumerate(zip(samples, gens, strict=True)):
-        rec = sample_record(model, sample, gen, family)
+        rec = sample_record(model, sample, gen, family, boxes, answers)
         if pictures is not None and pictures[i] is not None:
             save_picture(pictures[i], model, sample, gen, rec)
         records.append(rec)
@@ -163,7 +165,8 @@ def predict_samples(model, processor, samples: Sequence[Sample], method: Pruning
 def sample_prompt(sample: Sample, family: str, prompt_template: str | None = None) -> str:
     """The prompt text of a sample (the task's prompt, through ``prompt_template`` when given)."""
     if sample.task == "grounding":
-        return (prompt_template or _family(family).grounding_prompt).format(ref=sample.question)
+        template = prompt_template or _family(family).grounding_prompts()["authors"]
+        return template.format(ref=_family(family).grounding_ref(template, sample.question))
     if sample.task == "mcq":
         prompt = mcq_prompt(sample, family)
     elif sample.task == "yesno":
@@ -175,17 +178,23 @@ def sample_prompt(sample: Sample, family: str, prompt_template: str | None = Non
     return prompt
 
 
-def sample_record(model, sample: Sample, gen: Generated, family: str) -> dict[str, Any]:
-    """Judge a sample's answer: the record of the predictions file."""
+def sample_record(model, sample: Sample, gen: Generated, family: str, boxes: str = "authors",
+                  answers: str = DEFAULT_MODE) -> dict[str, Any]:
+    """Judge a sample's answer: the record of the predictions file (grounding answers read by the ``boxes``
+    parser). Multiple choice and yes/no: ``pred`` under the mode ``answers``, ``pred_vlmevalkit`` /
+    ``pred_lenient`` under each mode, ``answers`` and, for multiple choice, the ``options`` (so that
+    ``score`` can read the raw ``answer`` again)."""
     if sample.task == "grounding":
         patch = model.config.vision_config.patch_size
         resized = (gen.grid[2] * patch, gen.grid[1] * patch)
         rec = grounding_record(sample.id, sample.question, gen.text, sample.answer, family, resized,
-                               sample.images[0].size, kind=sample.meta.get("kind"))
+                               sample.images[0].size, kind=sample.meta.get("kind"), parser=boxes)
         return {**rec, **_visual_fields(gen)}
-    pred = extract_choice(gen.text, sample.options) if sample.task == "mcq" else extract_yes_no(gen.text)
-    rec = {"id": sample.id, "task": sample.task, "answer": gen.text, "pred": pred, "gt": sample.answer,
-           "correct": pred == sample.answer}
+    preds = predictions(sample.task, gen.text, sample.options, answers)
+    rec = {"id": sample.id, "task": sample.task, "answer": gen.text, **preds, "gt": sample.answer,
+           "correct": preds["pred"] == sample.answer}
+    if sample.task == "mcq":
+        rec["options"] = dict(sample.options)
     rec.update({k: sample.meta[k] for k in ("category", "l2_category", "split", "image_key") if k in sample.meta})
     return {**rec, **_visual_fields(gen)}
 

@@ -51,7 +51,9 @@ class Family:
     Class attributes (facts):
         model_type: ``config.model_type`` of the family.
         display_name: e.g. ``"Qwen2.5-VL"``.
-        grounding_prompt: the grounding prompt template (``{ref}``).
+        grounding_prompt: this project's grounding prompt template (``{ref}``), ``--grounding-prompt ivcprune``.
+        authors_grounding_prompt: the template of the authors' evaluation (``--grounding-prompt authors``, the
+            default); ``None`` where they had none (this project's is used).
         box_format: how answers spell boxes (a parser name of :mod:`ivcprune.boxes`).
         box_frame: ``"pixels"`` (the resized image the model saw) or ``"1000"`` (0-1000 relative).
         image_patch_size: pixels per vision patch (qwen-vl-utils resizes to multiples of twice this).
@@ -67,6 +69,7 @@ class Family:
     model_type: ClassVar[str]
     display_name: ClassVar[str]
     grounding_prompt: ClassVar[str] = "Locate {ref} in the image and output its bbox coordinates in JSON format."
+    authors_grounding_prompt: ClassVar[str | None] = None
     box_format: ClassVar[str] = "bbox_2d"
     box_frame: ClassVar[str] = "pixels"
     image_patch_size: ClassVar[int] = 14
@@ -74,6 +77,16 @@ class Family:
 
     entry: nn.Module
     layers: nn.ModuleList
+
+    @classmethod
+    def grounding_prompts(cls) -> dict[str, str]:
+        """Grounding templates by name: ``authors`` (their evaluation's) and ``ivcprune`` (this project's)."""
+        return {"authors": cls.authors_grounding_prompt or cls.grounding_prompt, "ivcprune": cls.grounding_prompt}
+
+    @classmethod
+    def grounding_ref(cls, template: str, ref: str) -> str:
+        """The referring expression as ``template`` gets it (unchanged here)."""
+        return ref
     rotary: nn.Module
     num_kv_heads: int
     head_dim: int

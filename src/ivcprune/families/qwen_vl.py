@@ -180,6 +180,8 @@ class Qwen25VL(QwenVL):
 
     model_type = "qwen2_5_vl"
     display_name = "Qwen2.5-VL"
+    # the authors' VLMEvalKit fork (vlmeval/vlm/qwen2_vl/prompt.py, _build_vg_prompt): the text after the image
+    authors_grounding_prompt = "\nLocate {ref} and output the bbox coordinates in JSON format."
     vision_out_key = "out_hidden_size"
     random_configs = {
         "qwen2.5-vl-7b": dict(text=_text(152064, 3584, 18944, 28, 28, 4, 128000, False), vision=_QWEN25_VISION,
@@ -213,6 +215,19 @@ class Qwen2VL(QwenVL):
     model_type = "qwen2_vl"
     display_name = "Qwen2-VL"
     grounding_prompt = "Output the bounding box of <|object_ref_start|>{ref}<|object_ref_end|> in the image."
+    # the authors' VLMEvalKit fork (vlmeval/vlm/qwen2_vl/prompt.py, _build_vg_prompt), with the expression
+    # lower-cased and its last character dropped (:meth:`grounding_ref`)
+    authors_grounding_prompt = "\n<|object_ref_start|>Detect {ref}<|object_ref_end|>"
+
+    @classmethod
+    def grounding_ref(cls, template: str, ref: str) -> str:
+        """The authors' template gets ``ref`` lower-cased without its last character (their
+        ``question[:-1].lower()``, written for expressions ending in a full stop); here the last character is
+        dropped only when it is not a letter or digit, so an expression without a full stop loses nothing."""
+        if template != cls.authors_grounding_prompt:
+            return ref
+        ref = ref[:-1] if ref and not ref[-1].isalnum() else ref
+        return ref.lower()
     box_format = "box_tokens"
     box_frame = "1000"
     random_configs = {

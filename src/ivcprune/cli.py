@@ -335,10 +335,21 @@ def cmd_eval(args) -> int:
     return 1 if errors else 0
 
 
-def _grounding_prompt(args, spec: str) -> str:
+def _is_toy(args) -> bool:
+    from .models import TOY_DIR
+
+    return Path(args.model).resolve() == TOY_DIR.resolve()
+
+
+def _grounding_prompt(args) -> str:
     """``--grounding-prompt``; by default the authors' prompts, except for the embedded model, which was
     trained on this project's prompt (the authors' wording takes its Acc@0.5 from 22.7 to 3.7)."""
-    return args.grounding_prompt or ("ivcprune" if spec == "toy" else "authors")
+    return args.grounding_prompt or ("ivcprune" if _is_toy(args) else "authors")
+
+
+def _boxes(args) -> str:
+    """``--boxes``; by default the authors' parser, except for the embedded model (its own conventions)."""
+    return args.boxes or ("lenient" if _is_toy(args) else "authors")
 
 
 def _check_judge(args) -> None:
@@ -376,7 +387,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
         resolved = method.resolve(get_adapter(model)) if method is not None else {}
         prompt = args.prompt_template
         if bench.task == "grounding" and prompt is None:
-            prompt = family_class(family).grounding_prompts()[_grounding_prompt(args, spec)]
+            prompt = family_class(family).grounding_prompts()[_grounding_prompt(args)]
         lo, hi = authors_pixels(model.config, bench.task)
         pixels = (args.min_pixels or lo, args.max_pixels or hi)
         info = {"name": name, "model": spec, "model_path": args.model,
@@ -386,8 +397,8 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
                 "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "seed": args.seed if bench.source == "synthetic" else None, "pixels": list(pixels),
-                "refs": args.refs, "gt_frame": args.gt_frame, "boxes": args.boxes, "answers": args.answers,
-                "grounding_prompt": _grounding_prompt(args, spec) if args.prompt_template is None else "template",
+                "refs": args.refs, "gt_frame": args.gt_frame, "boxes": _boxes(args), "answers": args.answers,
+                "grounding_prompt": _grounding_prompt(args) if args.prompt_template is None else "template",
                 "judge_model": args.judge_model if args.judge else None, "judge_url": args.judge,
                 "split": bench.split, "dtype": env["dtype"], "attn_implementation": env["attn_implementation"],
                 "environment": {**env, "world_size": dist.world}}
@@ -408,7 +419,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
                 paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
             recs = predict_samples(model, processor, batch, method, family=family,
                                    max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
-                                   pictures=paths, boxes=args.boxes, answers=args.answers)
+                                   pictures=paths, boxes=_boxes(args), answers=args.answers)
             if judge is not None:  # only answers exact matching could not read (pred None)
                 judge_records(judge, batch, recs)
             budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
@@ -598,9 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-template", default=None,
                    help="grounding: prompt with {ref}; multiple choice / yes-no: with {prompt} (the built prompt) "
                         "and/or {question}")
-    e.add_argument("--boxes", default="authors", choices=["authors", "lenient"],
-                   help="grounding answers: read as the IVC-Prune authors' evaluation did (well-formed integer boxes "
-                        "only, anything else a miss; README, Comparability) or by this project's lenient parser")
+    e.add_argument("--boxes", default=None, choices=["authors", "lenient"],
+                   help="grounding answers: read as the IVC-Prune authors' evaluation did (default: well-formed "
+                        "integer boxes only, anything else a miss; README, Comparability) or by this project's "
+                        "lenient parser (the default of --model toy)")
     e.add_argument("--grounding-prompt", default=None, choices=["authors", "ivcprune"],
                    help="grounding prompt: the authors' evaluation's (default) or this project's (the default of "
                         "--model toy, which was trained on it); --prompt-template overrides both")

@@ -92,3 +92,23 @@ def qwen25():
 @pytest.fixture(scope="session")
 def qwen2():
     return make_model("qwen2_vl")
+
+
+@pytest.fixture()
+def scripted_answers(monkeypatch) -> list[str]:
+    """The model's answers, scripted: each generated answer (in the order samples are asked) is replaced by
+    the next string of the returned list, which the test fills; everything else (prompts, images, records,
+    metrics) runs for real on the embedded model."""
+    from ivcprune.evals import tasks
+
+    script: list[str] = []
+    real = tasks.generate_answers
+
+    def scripted(model, processor, prompts, method, *, max_new_tokens, pixels):
+        gens = real(model, processor, prompts, method, max_new_tokens=1, pixels=pixels)
+        for gen in gens:
+            gen.text = script.pop(0)
+        return gens
+
+    monkeypatch.setattr(tasks, "generate_answers", scripted)
+    return script

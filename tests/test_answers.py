@@ -11,7 +11,7 @@ import json
 import pytest
 
 from ivcprune.cli import main
-from ivcprune.evals import extract_choice, extract_yes_no, tasks
+from ivcprune.evals import extract_choice, extract_yes_no
 from ivcprune.evals.benchmarks import read_vqa_tsv
 from ivcprune.evals.metrics import score_records
 
@@ -130,22 +130,12 @@ def test_none_option_cells_are_missing_options_rows_kept(tmp_path):
     assert extract_choice("C", samples[1].options) is None  # always wrong
 
 
-def test_answers_flag_end_to_end(tmp_path, monkeypatch, capsys):
+def test_answers_flag_end_to_end(tmp_path, scripted_answers, capsys):
     data = _none_tsv(tmp_path / "d")
-    script: list[str] = []
-    real = tasks.generate_answers
-
-    def scripted(model, processor, prompts, method, *, max_new_tokens, pixels):
-        gens = real(model, processor, prompts, method, max_new_tokens=1, pixels=pixels)
-        for gen in gens:
-            gen.text = script.pop(0)
-        return gens
-
-    monkeypatch.setattr(tasks, "generate_answers", scripted)
     answers = ["**A. red, since the whole picture is clearly red here**", "C", "blue", "Both B and A"]
 
     def run(out, *extra):
-        script[:] = list(answers)
+        scripted_answers[:] = list(answers)
         assert main(["eval", "--model", "toy", "--data", str(data), "--out", str(out), "--quiet", *extra]) == 0
         recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         return json.loads((out / "metrics.json").read_text()), {r["id"]: r for r in recs}

@@ -69,26 +69,16 @@ def test_every_format_end_to_end(data, tmp_path, capsys):
     assert rec["gt"] == "Yes" and rec["category"] == "adversarial"
 
 
-def test_metrics_from_scripted_answers(data, tmp_path, monkeypatch):
+def test_metrics_from_scripted_answers(data, tmp_path, scripted_answers):
     """The scoring path on known answers: MME acc / acc+, circular MMBench, POPE F1, by hand."""
-    script: list[str] = []
-    real = tasks.generate_answers
-
-    def scripted(model, processor, prompts, method, *, max_new_tokens, pixels):
-        gens = real(model, processor, prompts, method, max_new_tokens=1, pixels=pixels)
-        for gen in gens:
-            gen.text = script.pop(0)
-        return gens
-
-    monkeypatch.setattr(tasks, "generate_answers", scripted)
-    script[:] = ["Yes", "No", "Yes.", "yes", "I don't know", "No"]
+    scripted_answers[:] = ["Yes", "No", "Yes.", "yes", "I don't know", "No"]
     assert _eval(tmp_path / "mme", str(data["mme"])) == 0
     m = json.loads((tmp_path / "mme" / "metrics.json").read_text())
     # existence: 3/4 right, 1 of 2 images fully right -> 75 + 50; code_reasoning: 1/2, 0 of 1 -> 50 + 0
     assert m["mme_perception"] == pytest.approx(125.0) and m["mme_cognition"] == pytest.approx(50.0)
     assert m["score"] == pytest.approx(175.0) and m["n_unparseable"] == 1
 
-    script[:] = ["A", "The answer is B", "two", "B. red", "circle"]
+    scripted_answers[:] = ["A", "The answer is B", "two", "B. red", "circle"]
     assert _eval(tmp_path / "mmb", str(data["mmbench"])) == 0
     m = json.loads((tmp_path / "mmb" / "metrics.json").read_text())
     preds = [r["pred"] for r in _records(tmp_path / "mmb")]
@@ -96,13 +86,13 @@ def test_metrics_from_scripted_answers(data, tmp_path, monkeypatch):
     assert m["accuracy"] == pytest.approx(3 / 5) and m["circular_accuracy"] == pytest.approx(1 / 3)
     assert m["score"] == pytest.approx(100 / 3)
 
-    script[:] = ["Yes", "Yes", "No", "No", "Yes, there is", "no"]
+    scripted_answers[:] = ["Yes", "Yes", "No", "No", "Yes, there is", "no"]
     assert _eval(tmp_path / "pope", str(data["pope"])) == 0
     m = json.loads((tmp_path / "pope" / "metrics.json").read_text())
     # yes predicted 3 (2 right), yes truth 3: precision = recall = F1 = 2/3
     assert m["score"] == pytest.approx(200 / 3) and m["accuracy"] == pytest.approx(4 / 6)
     assert m["by_category"]["adversarial"]["precision"] == 0.5 and m["by_category"]["random"]["f1"] == 1.0
-    assert not script
+    assert not scripted_answers
 
 
 def test_resume_after_crash(data, tmp_path, monkeypatch, capsys):

@@ -117,14 +117,16 @@ def _punctuation(text: str) -> str:
     return re.sub(r"(?<!\d)\.(?!\d)", "", out, count=32)
 
 
-def _yes_no_vlmevalkit(answer: Any) -> str | None:
-    words = _punctuation(_as_read(answer).lower()).split()
+def _yes_or_no(words) -> str | None:
+    """"Yes" or "No" when exactly one of them is among ``words``."""
     yes, no = "yes" in words, "no" in words
-    if yes and not no:
-        return "Yes"
-    if no and not yes:
-        return "No"
+    if yes != no:
+        return "Yes" if yes else "No"
     return None
+
+
+def _yes_no_vlmevalkit(answer: Any) -> str | None:
+    return _yes_or_no(_punctuation(_as_read(answer).lower()).split())
 
 
 # -- lenient rules ---------------------------------------------------------------------------------------
@@ -161,13 +163,7 @@ def _choice_lenient(answer: Any, options: dict[str, str]) -> str | None:
 
 
 def _yes_no_lenient(answer: Any) -> str | None:
-    words = set(re.findall(r"[a-z]+", str(answer or "").lower()))
-    yes, no = "yes" in words, "no" in words
-    if yes and not no:
-        return "Yes"
-    if no and not yes:
-        return "No"
-    return None
+    return _yes_or_no(set(re.findall(r"[a-z]+", str(answer or "").lower())))
 
 
 # -- entry points ----------------------------------------------------------------------------------------

@@ -127,11 +127,12 @@ class _Forward:
     real_past: list[int]
     past: int
     q_len: int
-    past_valid: torch.Tensor | None  # (B, past) from a 2-D mask over the cache + chunk, if given
+    past_valid: torch.Tensor  # (B, past): real slots of the cache before this chunk
     positions: torch.Tensor | None = None
     values: torch.Tensor | None = None
     index: torch.Tensor | None = None  # (B, M) gather index over the chunk; None = nothing cut
     valid: torch.Tensor | None = None  # (B, M)
+    valid_kv: torch.Tensor | None = None  # (B, past + M): real slots of the cut cache
     cache: Cache | None = None
     dtype: torch.dtype = torch.float32  # of the hidden states (eager masks are in it)
     device: torch.device | None = None
@@ -272,10 +273,11 @@ class Pruner:
                 self._set_noop([len(r) for r in real], NO_VISUAL)
             return None
         _check_cache(cache)
-        past_valid = None
         if past and mask2d is not None and mask2d.shape[1] == past + q_len:
             past_valid = mask2d[:, :past].bool().cpu()
-        real_past = [int(past_valid[b].sum()) if past_valid is not None else past for b in range(B)]
+        else:  # no mask over the earlier cache: all of it is real
+            past_valid = torch.ones(B, past, dtype=torch.bool)
+        real_past = past_valid.sum(dim=1).tolist()
         self._state = _Forward(spans=spans, real=real, real_past=real_past, past=past, q_len=q_len,
                                past_valid=past_valid)
         return None
@@ -284,11 +286,10 @@ class Pruner:
         st, self._state = self._state, None
         if st is None or st.index is None or st.cache is None:
             return None
-        past_valid = st.past_valid if st.past_valid is not None else torch.ones(len(st.real), st.past, dtype=torch.bool)
-        valid = torch.cat([past_valid, st.valid], dim=1)
         real_len = torch.tensor([p + len(r) for p, r in zip(st.real_past, st.real)])
         with self._lock:
-            self._records[st.cache] = _CacheRecord(valid=valid, unpruned_len=st.past + st.q_len, real_len=real_len)
+            self._records[st.cache] = _CacheRecord(valid=st.valid_kv, unpruned_len=st.past + st.q_len,
+                                                   real_len=real_len)
         return None
 
     def _decode_kwargs(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
@@ -388,9 +389,7 @@ class Pruner:
                 f"attention masks of type {type(mask).__name__} (e.g. flex attention) are not supported; use "
                 "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
             )
-        B = st.valid.shape[0]
-        past_valid = st.past_valid if st.past_valid is not None else torch.ones(B, st.past, dtype=torch.bool)
-        return cut.attention_mask(torch.cat([past_valid, st.valid], dim=1), st.valid.shape[1],
+        return cut.attention_mask(st.valid_kv, st.valid.shape[1],
                                   attn_implementation=self.adapter.attn_implementation, dtype=st.dtype,
                                   device=mask.device if mask is not None else st.device)
 
@@ -443,6 +442,7 @@ class Pruner:
         self._on_reports(reports)
         if any(len(k) < len(r) for k, r in zip(keeps, st.real)):  # else run unmodified
             st.index, st.valid = cut.keep_index(keeps)
+            st.valid_kv = torch.cat([st.past_valid, st.valid], dim=1)
 
     def _cut_cache(self, st: _Forward) -> None:
         cache = st.cache

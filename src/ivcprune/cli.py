@@ -252,10 +252,6 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name))
 
 
-# run.json fields known before the model loads: a run folder holding another run is refused before it loads
-_EARLY_IDENTITY = ("model_path", "benchmark", "source", "task", "method")
-
-
 def _eval_runs(args, benches, built) -> list[tuple[Any, str, str, Any, Path]]:
     """``(benchmark, run name, method name, method, run folder)`` of every run of the command."""
     out = Path(args.out)
@@ -267,24 +263,10 @@ def _eval_runs(args, benches, built) -> list[tuple[Any, str, str, Any, Path]]:
     return runs
 
 
-def _check_run_folder(run_dir: Path, early: dict[str, Any]) -> None:
-    """Refuse, before the model loads, a folder whose predictions belong to another run (or whose run.json
-    is damaged); the full identity (resolved knobs, dtype, ...) is checked again when the run starts."""
-    from .evals.runner import prediction_files, read_run_info
-
-    if not any(p.exists() and p.stat().st_size for p in prediction_files(run_dir)):
-        return  # nothing to protect: the run writes its run.json anew
-    old = read_run_info(run_dir)
-    diff = [k for k in _EARLY_IDENTITY if k in old and old[k] != early[k]]
-    if diff:
-        raise SystemExit(f"ivcprune: error: {run_dir} holds predictions of another run ({', '.join(diff)} differ: "
-                         f"{ {k: old[k] for k in diff} }); choose another --out or delete it")
-
-
 def cmd_eval(args) -> int:
     from .evals.benchmarks import expand_data, load_benchmark
     from .evals.plan import grid
-    from .evals.runner import init_distributed, lock_run_dir
+    from .evals.runner import check_identity, init_distributed, lock_run_dir
     from .methods import method_names
 
     spec, args.model = args.model, _resolve_model_spec(args.model)
@@ -320,8 +302,9 @@ def cmd_eval(args) -> int:
     runs = _eval_runs(args, benches, built)
     with contextlib.ExitStack() as held:  # every run folder: checked and locked before the model loads
         for bench, _, m, _, run_dir in runs:
-            _check_run_folder(run_dir, {"model_path": args.model, "benchmark": bench.name, "source": bench.source,
-                                        "task": bench.task, "method": m})
+            # the settings known without the model; all of them are checked again when the run starts
+            check_identity(run_dir, {"model_path": args.model, "benchmark": bench.name, "source": bench.source,
+                                     "task": bench.task, "method": m})
             held.enter_context(lock_run_dir(run_dir, dist))
         model, processor = _load(args, dist.local_rank if dist.world > 1 else None)
         if processor is None:

@@ -447,7 +447,9 @@ def drop_cut_line(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _check_identity(run_dir: Path, info: dict[str, Any]) -> None:
+def check_identity(run_dir: Path, info: dict[str, Any]) -> None:
+    """Refuse ``run_dir`` when it holds predictions of another run: a field of :data:`IDENTITY` that both its
+    ``run.json`` and ``info`` (all of a run's settings, or the part known so far) have differs."""
     has_predictions = any(p.exists() and p.stat().st_size for p in prediction_files(run_dir))
     try:
         old = read_run_info(run_dir)
@@ -511,7 +513,7 @@ def _run_locked(samples, predict, run_dir: Path, *, info, total, progress, dist:
     target = run_dir / (PRED if dist.world == 1 else f"predictions.part{dist.rank}.jsonl")
 
     def prepare() -> set[str]:  # on every rank, so that a refusal stops them all
-        _check_identity(run_dir, info)
+        check_identity(run_dir, info)
         drop_cut_line(target)
         old = _read_metrics(run_dir, warn=dist.rank == 0, then=f"this run rebuilds it from {PRED}")
         return {str(i) for i in old.get("failed_ids") or []}

@@ -1,15 +1,19 @@
-"""Shared fixtures: tiny Qwen-VL models built from real transformers configs (random weights) and
-prompts with images / videos laid out exactly as the Qwen-VL processor lays them out."""
+"""Shared fixtures: tiny models of every registered family built from real transformers configs (random
+weights) and prompts with images / videos laid out exactly as each family's processor lays them out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ivcprune.families import FAMILIES as REGISTERED
+from ivcprune.families.internvl import tiled_pixels
 from ivcprune.models import tiny_model
 from ivcprune.tiny import TOKEN_IDS
 
-FAMILIES = {"qwen2_5_vl": "tiny-qwen2.5-vl", "qwen2_vl": "tiny-qwen2-vl"}
+# every registered family, by its tiny test config
+FAMILIES = {mt: next(n for n in cls.random_configs if n.startswith("tiny-")) for mt, cls in REGISTERED.items()}
+QWEN = ("qwen2_5_vl", "qwen2_vl")
 
 IMG = TOKEN_IDS["image_token_id"]
 VID = TOKEN_IDS["video_token_id"]
@@ -24,9 +28,12 @@ def make_model(family: str = "qwen2_5_vl", attn: str = "sdpa", layers: int = 4, 
 
 
 def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9, seed=0):
-    """Prompt ``text_before`` + for each medium ``<vs> pad*N <ve>`` + ``text_after`` tokens.
+    """Prompt ``text_before`` + for each medium ``<vs> pad*N <ve>`` + two text tokens, then ``text_after``.
 
-    ``media`` items are ``(kind, t, h, w)`` in patches (before the 2x2 merge)."""
+    ``media`` items are ``(kind, t, h, w)`` in Qwen-VL patches (before the 2x2 merge); other families get
+    the nearest thing they have (:func:`family_media`)."""
+    if model.config.model_type not in QWEN:
+        return family_media(model, media, text_before, text_after, seed)
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     vc = cfg.vision_config
@@ -54,6 +61,34 @@ def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9
     return out
 
 
+def family_media(model, media, text_before, text_after, seed):
+    """:func:`make_inputs` for LLaVA (each image or video one image of the tower's size) and InternVL (an
+    image of h x w patches is ``max(1, h // 8) x max(1, w // 8)`` tiles, plus the thumbnail when several;
+    a video of t frames is t one-tile images)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vc = cfg.vision_config
+    ids = torch.randint(3, 250, (text_before,), generator=g).tolist()
+    pix = []
+    for kind, t, h, w in media:
+        if cfg.model_type == "llava":
+            ids += [IMG] * cfg.image_seq_length
+            pix.append(torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g))
+        else:
+            grids = [(max(1, h // 8), max(1, w // 8))] if kind == "image" else [(1, 1)] * t
+            for rows, cols in grids:
+                blocks = rows * cols + (rows * cols > 1)
+                ids += [VS] + [IMG] * blocks * cfg.image_seq_length + [VE]
+                pix.append(tiled_pixels(rows, cols, vc.image_size[0], vc.num_channels, g))
+        ids += torch.randint(3, 250, (2,), generator=g).tolist()
+    ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
+    input_ids = torch.tensor([ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if pix:
+        out["pixel_values"] = torch.cat(pix)
+    return out
+
+
 def batch_inputs(rows: list[dict]) -> dict:
     """Single-row inputs stacked into one left-padded batch, as a processor pads them (``padding_side="left"``);
     media tensors concatenated in row order."""
@@ -65,8 +100,9 @@ def batch_inputs(rows: list[dict]) -> dict:
     out = {
         "input_ids": torch.cat([left_pad(r["input_ids"], TOKEN_IDS["pad_token_id"]) for r in rows]),
         "attention_mask": torch.cat([left_pad(r["attention_mask"], 0) for r in rows]),
-        "mm_token_type_ids": torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows]),
     }
+    if "mm_token_type_ids" in rows[0]:
+        out["mm_token_type_ids"] = torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [r[key] for r in rows if key in r]
         if parts:

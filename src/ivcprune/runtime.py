@@ -35,8 +35,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from . import cut
 from .families import Adapter, Span, get_adapter
 from .report import PruneReport, SpanReport
+from .tiles import TileLayout
 
 NO_VISUAL = "no image or video tokens in the prompt"
+VALUE_INPUTS = ("normed", "residual")
 
 
 class UnsupportedCacheError(ValueError):
@@ -47,8 +49,15 @@ class UnsupportedCacheError(ValueError):
 class Needs:
     """What a method reads to select; the runtime captures exactly this and nothing else."""
 
-    values: bool = False  # value vectors of layer K-1 (v_proj of its input-normed hidden states), per KV head
+    values: bool = False  # value vectors of layer K-1, per KV head
     hidden: bool = False  # hidden states entering layer K
+    # what layer K-1's value projection is applied to: its input-normed hidden states (what the layer itself
+    # computes, "normed") or the un-normalised residual stream entering it ("residual", InternVL's release)
+    value_input: str = "normed"
+
+    def __post_init__(self):
+        if self.value_input not in VALUE_INPUTS:
+            raise ValueError(f"value_input must be one of {VALUE_INPUTS}, got {self.value_input!r}")
 
 
 @dataclass
@@ -75,6 +84,7 @@ class SpanInput:
     positions: torch.Tensor  # (A, L) rotary position ids, on the CPU
     rope: Any  # families.RopeInfo
     row: RowInput
+    tiles: TileLayout | None = None  # a tiled image's layout (tiles, thumbnail)
 
     @property
     def local_start(self) -> int:
@@ -206,8 +216,13 @@ class Pruner:
             a.entry.register_forward_hook(_Hook(self._entry_post), with_kwargs=True),
             a.rotary.register_forward_pre_hook(_Hook(self._rotary_pre), with_kwargs=True),
         ]
-        if self.needs.values:
+        if self.needs.values and self.needs.value_input == "normed":
             self._handles.append(a.value_module(self.layer - 1).register_forward_hook(_Hook(self._value_post)))
+        elif self.needs.values:
+            self._handles.append(a.layers[self.layer - 1].register_forward_pre_hook(_Hook(self._residual_pre),
+                                                                                      with_kwargs=True))
+        for module in a.media_modules():
+            self._handles.append(module.register_forward_pre_hook(_Hook(self._media_pre), with_kwargs=True))
         for idx in range(self.layer, a.num_layers):
             self._handles.append(a.layers[idx].register_forward_pre_hook(_Hook(self._layer_pre(idx)), with_kwargs=True))
 
@@ -230,6 +245,8 @@ class Pruner:
     # -- forward entry / exit --------------------------------------------------------------------
     def _entry_pre(self, module, args, kwargs):
         self._state = None
+        if kwargs.get("pixel_values") is not None:  # the encoder runs inside this forward: earlier media are stale
+            self._local.media = []
         input_ids = _arg(args, kwargs, 0, "input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -284,6 +301,7 @@ class Pruner:
 
     def _entry_post(self, module, args, kwargs, output):
         st, self._state = self._state, None
+        self._local.media = []
         if st is None or st.index is None or st.cache is None:
             return None
         real_len = torch.tensor([p + len(r) for p, r in zip(st.real_past, st.real)])
@@ -324,6 +342,14 @@ class Pruner:
         )
 
     # -- captures --------------------------------------------------------------------------------
+    def _media_pre(self, module, args, kwargs):
+        pixels = _arg(args, kwargs, 0, "pixel_values")
+        if isinstance(pixels, torch.Tensor):
+            if getattr(self._local, "media", None) is None:
+                self._local.media = []
+            self._local.media.append(pixels.detach())
+        return None
+
     def _rotary_pre(self, module, args, kwargs):
         st = self._state
         if st is not None and st.positions is None:
@@ -334,6 +360,13 @@ class Pruner:
         st = self._state
         if st is not None and st.values is None:
             st.values = output
+        return None
+
+    def _residual_pre(self, module, args, kwargs):
+        st = self._state
+        if st is not None and st.values is None:
+            with torch.no_grad():
+                st.values = self.adapter.value_module(self.layer - 1)(_arg(args, kwargs, 0, "hidden_states"))
         return None
 
     # -- layer K and after -----------------------------------------------------------------------
@@ -403,6 +436,7 @@ class Pruner:
             values = self.adapter.split_heads(st.values)  # (B, H, S, d)
         rope = self.adapter.rope_info()
         keeps, reports = [], []
+        st.spans = self.adapter.layout_spans(st.spans, getattr(self._local, "media", None) or [])
         for b, spans in enumerate(st.spans):
             t0 = time.perf_counter()
             real = st.real[b]
@@ -421,7 +455,7 @@ class Pruner:
                 span_pos = positions[:, s.start : s.start + s.length]
                 inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
-                                row=row)
+                                row=row, tiles=s.tiles)
                 sel = self.method.select(inp, self.config)
                 if sel.note:
                     notes.append(f"{s.kind} {i}: {sel.note}")

@@ -10,9 +10,11 @@ from typing import Any
 from torch import nn
 
 from .base import Adapter, Family, RopeInfo, Span, UnsupportedModelError
+from .internvl import InternVL
+from .llava import Llava
 from .qwen_vl import Qwen2VL, Qwen25VL
 
-FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL)}
+FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL, Llava, InternVL)}
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

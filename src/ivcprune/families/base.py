@@ -11,12 +11,15 @@ A family class answers two kinds of questions:
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..tiles import TileLayout
 
 
 class UnsupportedModelError(ValueError):
@@ -31,6 +34,7 @@ class Span:
     length: int
     kind: str  # "image" or "video"
     grid: tuple[int, int, int] | None = None  # (t, h, w) tokens after merging
+    tiles: TileLayout | None = None  # high-resolution tiles (+ thumbnail) of a tiled image
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,19 @@ class RopeInfo:
 
 MCQ_INSTRUCTION = {"en": "Please select the correct answer from the options above.", "zh": "请直接回答选项字母。"}
 YESNO_SUFFIX = " Please answer yes or no."
+
+
+def letter_mcq_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    """VLMEvalKit's multiple-choice prompt of LLaVA and InternVL: hint, question, one line per option,
+    then the instruction to answer with the letter (in Chinese for Chinese questions)."""
+    text = f"{hint}\n{question}" if hint else question
+    text += "".join(f"\n{k}. {v}" for k, v in options.items())
+    chinese = re.search("[\u4e00-\u9fff]", text) is not None
+    if options:
+        tail = MCQ_INSTRUCTION["zh"] if chinese else "Answer with the option's letter from the given choices directly."
+    else:
+        tail = "请直接回答问题。" if chinese else "Answer the question directly."
+    return f"{text}\n{tail}"
 
 
 class Family:
@@ -93,6 +110,23 @@ class Family:
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def bind_language_model(self, expected: str) -> nn.Module:
+        """Find the decoder under ``model`` (``...ForConditionalGeneration`` or its base model) and set
+        :attr:`entry`, :attr:`layers`, :attr:`rotary`, :attr:`head_dim`, :attr:`num_kv_heads`; returns it."""
+        model = self.model
+        entry = model.model if hasattr(model, "lm_head") else model
+        lm = getattr(entry, "language_model", None)
+        if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "rotary_emb"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: expected {expected} with .language_model.layers and "
+                ".language_model.rotary_emb (transformers 5.x layout)"
+            )
+        self.entry, self.layers, self.rotary = entry, lm.layers, lm.rotary_emb
+        text = model.config.get_text_config()
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.num_kv_heads = text.num_key_value_heads
+        return lm
 
     # -- facts -------------------------------------------------------------------------------------
     @classmethod
@@ -152,6 +186,16 @@ class Family:
         """Visual spans of one row's real tokens (1-D ``input_ids``, padding removed)."""
         raise NotImplementedError
 
+    def media_modules(self) -> list[nn.Module]:
+        """Modules whose first input (pixel values) the runtime keeps for :meth:`layout_spans`: ``generate``
+        runs the vision encoder before the prefill and hands the decoder only its features."""
+        return []
+
+    def layout_spans(self, spans: list[list[Span]], media: list[torch.Tensor]) -> list[list[Span]]:
+        """The spans of every row (batch order) completed with what only the pixel values ``media`` (inputs
+        of :meth:`media_modules` since the prefill began, in call order) tell; unchanged by default."""
+        return spans
+
     def axes_positions(self, rotary_position_ids: torch.Tensor) -> torch.Tensor:
         """``(A, B, S)`` position ids, from what the rotary module received (on the CPU)."""
         raise NotImplementedError
@@ -177,6 +221,52 @@ class Family:
         """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""
         B, S = value_out.shape[:2]
         return value_out.reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+
+class Rope1DFamily(Family):
+    """Families whose decoder uses plain 1-D RoPE: position ids ``(B, S)``, values from ``self_attn.v_proj``
+    (LLaVA, InternVL)."""
+
+    def axes_positions(self, rotary_position_ids: torch.Tensor) -> torch.Tensor:
+        p = rotary_position_ids.cpu()
+        return p.unsqueeze(0) if p.dim() == 2 else p  # (1, B, S)
+
+    def rope_info(self) -> RopeInfo:
+        return RopeInfo(
+            inv_freq=self.rotary.inv_freq,
+            attention_scaling=float(self.rotary.attention_scaling),
+            mrope_section=None,
+            dtype=self.layers[0].self_attn.v_proj.weight.dtype,
+        )
+
+    def decode_position_ids(self, start: torch.Tensor, q_len: int, device: torch.device) -> torch.Tensor:
+        return (start.view(-1, 1) + torch.arange(q_len)).to(device)
+
+    def value_module(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn.v_proj
+
+
+def token_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of the runs of True in a 1-D bool tensor."""
+    if not bool(mask.any()):
+        return []
+    m = mask.to(torch.int8)
+    edges = torch.diff(torch.cat([m.new_zeros(1), m, m.new_zeros(1)]))
+    starts = (edges == 1).nonzero().squeeze(1).tolist()
+    ends = (edges == -1).nonzero().squeeze(1).tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
+
+
+def override_spec(spec: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of a ``random_configs`` spec with ``FIELD`` (text config) / ``vision.FIELD`` overrides applied."""
+    spec = copy.deepcopy(spec)
+    for key, value in (overrides or {}).items():
+        part, _, name = key.rpartition(".")
+        target = {"": "text", "text": "text", "vision": "vision"}.get(part)
+        if target is None:
+            raise ValueError(f"override {key!r}: use FIELD for the text config or vision.FIELD")
+        spec[target][name] = value
+    return spec
 
 
 Adapter = Family  # the runtime's name for a family bound to a model

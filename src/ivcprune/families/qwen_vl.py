@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import Family, RopeInfo, Span, UnsupportedModelError
+from .base import Family, RopeInfo, Span, override_spec, token_runs
 
 _PX = 28 * 28  # pixels of one merged visual token (14-pixel patches, 2x2 merge)
 
@@ -57,13 +56,7 @@ class QwenVL(Family):
 
     @classmethod
     def build_config(cls, spec: dict[str, Any], overrides: dict[str, Any] | None = None):
-        spec = copy.deepcopy(spec)
-        for key, value in (overrides or {}).items():
-            part, _, name = key.rpartition(".")
-            target = {"": "text", "text": "text", "vision": "vision"}.get(part)
-            if target is None:
-                raise ValueError(f"override {key!r}: use FIELD for the text config or vision.FIELD")
-            spec[target][name] = value
+        spec = override_spec(spec, overrides)
         if f"vision.{cls.vision_out_key}" not in (overrides or {}):  # the merger projects to the LLM width
             spec["vision"][cls.vision_out_key] = spec["text"]["hidden_size"]
         config_cls, _ = cls.model_classes()
@@ -102,20 +95,7 @@ class QwenVL(Family):
         super().__init__(model)
         self.config = model.config
         self.model_type = self.config.model_type
-        # ...ForConditionalGeneration wraps the base model as `.model`; accept the base model too.
-        entry = model.model if hasattr(model, "lm_head") else model
-        lm = getattr(entry, "language_model", None)
-        if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "rotary_emb"):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: expected a Qwen-VL model with .language_model.layers and "
-                ".language_model.rotary_emb (transformers 5.x layout)"
-            )
-        self.entry = entry
-        self.layers = lm.layers
-        self.rotary = lm.rotary_emb
-        text = self.config.get_text_config()
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.num_kv_heads = text.num_key_value_heads
+        self.bind_language_model("a Qwen-VL model")
         self.image_token_id = self.config.image_token_id
         self.video_token_id = self.config.video_token_id
         self.merge = self.config.vision_config.spatial_merge_size
@@ -131,7 +111,7 @@ class QwenVL(Family):
         grids = {kind: grids.setdefault(kind, []) for kind in ("image", "video")}
         spans: list[Span] = []
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
-            for start, length in _runs(ids == token_id):
+            for start, length in token_runs(ids == token_id):
                 # Split runs by the grids when they are known (adjacent media without separators).
                 while length > 0:
                     grid = grids[kind].pop(0) if grids[kind] else None
@@ -249,17 +229,6 @@ class Qwen2VL(QwenVL):
     def pixel_bounds(cls, config, task: str) -> tuple[int, int]:
         """The authors' evaluation: 1280 to 16384 tokens, every task."""
         return 1280 * _PX, 16384 * _PX
-
-
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, length) of the runs of True in a 1-D bool tensor."""
-    if not bool(mask.any()):
-        return []
-    m = mask.to(torch.int8)
-    edges = torch.diff(torch.cat([m.new_zeros(1), m, m.new_zeros(1)]))
-    starts = (edges == 1).nonzero().squeeze(1).tolist()
-    ends = (edges == -1).nonzero().squeeze(1).tolist()
-    return [(s, e - s) for s, e in zip(starts, ends)]
 
 
 def _grid_rows(grid_thw, merge: int) -> list[tuple[int, int, int]]:

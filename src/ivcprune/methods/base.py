@@ -30,15 +30,18 @@ from ..runtime import Needs, Pruner, SpanInput, SpanSelection
 
 # Pruning layer K where the authors released a setting for a checkpoint's depth, per model family;
 # other depths take the 7B's relative depth 16/28.
-PAPER_LAYERS = {"qwen2_5_vl": {28: 16, 36: 22}, "qwen2_vl": {28: 16}}
+PAPER_LAYERS = {"qwen2_5_vl": {28: 16, 36: 22}, "qwen2_vl": {28: 16}, "llava": {32: 16}, "internvl": {32: 16}}
+# relative depth of K at other depths: the paper's families at their own (16 of 32), the rest at Qwen2.5-VL's
+RELATIVE_DEPTH = {"llava": 16 / 32, "internvl": 16 / 32}
 
 
 def paper_layer(model_type: str, depth: int) -> int:
-    """K of the paper's setting for this family and depth (relative depth 16/28 elsewhere, in [1, depth-1])."""
+    """K of the paper's setting for this family and depth (the family's relative depth elsewhere, 16/28 by
+    default, in [1, depth-1])."""
     table = PAPER_LAYERS.get(model_type, {})
     if depth in table:
         return table[depth]
-    return max(1, min(depth - 1, round(depth * 16 / 28)))
+    return max(1, min(depth - 1, round(depth * RELATIVE_DEPTH.get(model_type, 16 / 28))))
 
 
 def check_ratio(name: str, value: float | None, *, allow_zero: bool = False) -> None:

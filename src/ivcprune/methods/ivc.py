@@ -9,13 +9,15 @@ from typing import Any
 import torch
 
 from .. import selection as sel
+from .. import tiles as tiles_mod
 from ..families import FAMILIES, Adapter
-from ..runtime import Needs, SpanInput, SpanSelection
+from ..runtime import VALUE_INPUTS, Needs, SpanInput, SpanSelection
 from .base import PruningMethod, check_choice, check_ratio, paper_layer
 
 RULES = ("fill", "union")
 ABLATIONS = (None, "no_ivc", "no_foreground", "ivc_only")
 DOMAINS = ("span", "sequence")
+TILE_SCHEMES = ("thumbnail", "span")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Preset:
     softmax_domain: str  # "span" or "sequence"
     min_one_seed: bool
     note: str
+    value_input: str = "normed"  # what layer K-1's value projection is applied to (runtime.VALUE_INPUTS)
+    tile_scheme: str = "span"  # tiled images: "thumbnail" (InternVL's release) or "span" (one span)
+    authors_mean: str = "per_row"  # how numerics="authors" averages similarity rows (selection.AUTHORS_MEANS)
 
 
 _PRESETS = {
@@ -41,9 +46,23 @@ _PRESETS = {
              "foreground; similarity softmax over the span",
     ),
     "qwen2_vl": dict(
-        family="Qwen2-VL", rule="union", softmax_domain="sequence", min_one_seed=False,
+        family="Qwen2-VL", rule="union", softmax_domain="sequence", min_one_seed=False, authors_mean="joint",
         note="K=16 of 28; keep IVC 10% cos + 10% sin, seeds 1% (no minimum) and top 40% foreground (union); "
              "similarity softmax over the whole sequence, sliced to the span",
+    ),
+    "llava": dict(
+        family="LLaVA-1.5", rule="union", softmax_domain="sequence", min_one_seed=True, ivc_ratio=0.05,
+        foreground_ratio=0.20,
+        note="K=16 of 32; keep IVC 5% cos + 5% sin (1-D RoPE, all head dims), seeds 1% (at least 1) and top 20% "
+             "foreground (union, about 31% kept); similarity softmax over the whole sequence",
+    ),
+    "internvl": dict(
+        family="InternVL", rule="fill", softmax_domain="sequence", min_one_seed=True, value_input="residual",
+        tile_scheme="thumbnail",
+        note="K=16 of 32 (relative depth 1/2 elsewhere); IVC 10% cos + 10% sin per 256-token tile (thumbnail "
+             "included); seeds (1% of 256) and foreground ranked on the thumbnail, kept there up to 50% and mapped "
+             "onto the matching high-resolution blocks; filled from the thumbnail to 50% of the image; values of "
+             "the un-normalised residual stream; similarity softmax over the whole sequence",
     ),
 }
 
@@ -63,8 +82,8 @@ def preset_for(model_type: str, num_layers: int) -> Preset:
         fields = dict(_BY_ANALOGY, family=FAMILIES[model_type].display_name)
     else:
         raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(FAMILIES)}")
-    return Preset(layer=paper_layer(model_type, num_layers), budget=0.5, ivc_ratio=0.10, seed_ratio=0.01,
-                  foreground_ratio=0.40, **fields)
+    fields = dict(dict(ivc_ratio=0.10, foreground_ratio=0.40), **fields)
+    return Preset(layer=paper_layer(model_type, num_layers), budget=0.5, seed_ratio=0.01, **fields)
 
 
 @dataclass(repr=False, eq=False)
@@ -111,6 +130,10 @@ class IVCPrune(PruningMethod):
                                                     "help": "authors: the release's bf16 arithmetic"})
     ablation: str | None = field(default=None, metadata={"choices": ABLATIONS[1:]})
     query_offset: int = field(default=2, metadata={"help": "text queries start this many tokens after a span"})
+    value_input: str | None = field(default=None, metadata={
+        "choices": VALUE_INPUTS, "help": "value vectors of layer K-1's normed input or of the raw residual stream"})
+    tile_scheme: str | None = field(default=None, metadata={
+        "choices": TILE_SCHEMES, "help": "tiled images: thumbnail-guided (InternVL's release) or one plain span"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,6 +144,10 @@ class IVCPrune(PruningMethod):
             check_choice("rule", self.rule, RULES)
         if self.softmax_domain is not None:
             check_choice("softmax_domain", self.softmax_domain, DOMAINS)
+        if self.value_input is not None:
+            check_choice("value_input", self.value_input, VALUE_INPUTS)
+        if self.tile_scheme is not None:
+            check_choice("tile_scheme", self.tile_scheme, TILE_SCHEMES)
         check_choice("ivc_statistic", self.ivc_statistic, sel.IVC_STATISTICS)
         check_choice("numerics", self.numerics, sel.NUMERICS)
         check_choice("ablation", self.ablation, ABLATIONS)
@@ -129,7 +156,7 @@ class IVCPrune(PruningMethod):
 
     def needs(self, config: dict[str, Any]) -> Needs:
         # the IVC-only ablations never look at value vectors
-        return Needs(values=config["ablation"] not in ("no_foreground", "ivc_only"))
+        return Needs(values=config["ablation"] not in ("no_foreground", "ivc_only"), value_input=config["value_input"])
 
     def default_layer(self, adapter: Adapter) -> int:
         return preset_for(adapter.model_type, adapter.num_layers).layer
@@ -144,10 +171,11 @@ class IVCPrune(PruningMethod):
                 "pass rule='fill' to keep a fixed fraction of each image",
                 stacklevel=4,
             )
-        for knob in ("ivc_ratio", "seed_ratio", "min_one_seed", "foreground_ratio", "softmax_domain"):
+        for knob in ("ivc_ratio", "seed_ratio", "min_one_seed", "foreground_ratio", "softmax_domain", "value_input",
+                     "tile_scheme"):
             if cfg[knob] is None:
                 cfg[knob] = getattr(preset, knob)
-        cfg.update(rule=rule, preset=preset.family)
+        cfg.update(rule=rule, preset=preset.family, authors_mean=preset.authors_mean)
         return cfg
 
     def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:
@@ -156,16 +184,14 @@ class IVCPrune(PruningMethod):
         target = self.target_count(L, config)
         if target >= L:  # nothing to prune
             return SpanSelection(torch.arange(L), {})
+        tiles = span.tiles
+        if tiles is not None and tiles.thumbnail and config["tile_scheme"] == "thumbnail" and ablation is None:
+            return self._select_tiles(span, config, target)
         groups: dict[str, torch.Tensor] = {}
         priority: list[torch.Tensor] = []
 
         if ablation != "no_ivc":
-            rope = span.rope
-            cos_s, sin_s = sel.ivc_scores(
-                span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
-                statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, numerics=config["numerics"],
-                model_dtype=rope.dtype,
-            )
+            cos_s, sin_s = self._ivc_scores(span, config)
             if ablation == "ivc_only":
                 ranked = [sel.stable_topk(s, L) for s in (cos_s, sin_s)]
                 groups["ivc_cos"], groups["ivc_sin"] = sel.interleave_rankings(ranked, target)
@@ -191,7 +217,29 @@ class IVCPrune(PruningMethod):
             kept, groups["foreground"] = sel.fill_to_budget(L, priority, fg, target)
         return SpanSelection(kept, groups, note)
 
-    def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int):
+    def _ivc_scores(self, span: SpanInput, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = span.rope
+        return sel.ivc_scores(
+            span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
+            statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, numerics=config["numerics"],
+            model_dtype=rope.dtype,
+        )
+
+    def _select_tiles(self, span: SpanInput, config: dict[str, Any], target: int) -> SpanSelection:
+        """InternVL's scheme (:func:`ivcprune.tiles.tile_selection`): seeds and foreground ranked on the
+        thumbnail, whose share of kept tokens follows the budget (the release fixes both at 50%)."""
+        layout = span.tiles
+        n_seed = sel.ratio_count(config["seed_ratio"], layout.tile_tokens)
+        if config["min_one_seed"]:
+            n_seed = max(1, n_seed)
+        cos_s, sin_s = self._ivc_scores(span, config)
+        fg, seeds, note = self._foreground(span, config, n_seed, part=(layout.thumbnail_start, layout.tile_tokens))
+        chosen = tiles_mod.tile_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
+                                          thumbnail_ratio=target / span.length, target=target)
+        return SpanSelection(chosen.kept, chosen.groups, note)
+
+    def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int,
+                    part: tuple[int, int] | None = None):
         """``(scores, seeds, note)``: the two-stage foreground scores, with the text queries from
         ``query_offset`` tokens after the span (the last text token, and a note, when there are none)."""
         first = span.local_start + span.length + config["query_offset"]
@@ -199,9 +247,12 @@ class IVCPrune(PruningMethod):
         note = None if queries.numel() and int(queries[0]) >= first else \
             "no text after the span; the last text token is the query"
         values = span.row.values
-        kwargs: dict[str, Any] = {"numerics": config["numerics"]}
+        first, length = part or (0, span.length)  # scored part of the span (InternVL: the thumbnail)
+        start = span.local_start + first
+        kwargs: dict[str, Any] = {"numerics": config["numerics"], "authors_mean": config["authors_mean"]}
         if config["softmax_domain"] == "sequence":
-            kwargs.update(sequence_values=values, span_start=span.local_start)
-        fg, seeds = sel.foreground_scores(span.visual_values, values[:, queries.to(values.device)], n_seed, **kwargs)
+            kwargs.update(sequence_values=values, span_start=start)
+        fg, seeds = sel.foreground_scores(values[:, start : start + length], values[:, queries.to(values.device)],
+                                          n_seed, **kwargs)
         return fg, seeds, note
 

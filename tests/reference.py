@@ -68,31 +68,42 @@ def _round_half_even(x: float) -> int:
 
 
 def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ratio=0.01, rule="fill",
-                        fg_ratio=0.4, query_offset=2, softmax_domain="span", min_one_seed=True):
+                        fg_ratio=0.4, query_offset=2, softmax_domain="span", min_one_seed=True, value_input="normed",
+                        scored_part=None):
     """Per span: dict(ivc_cos=set, ivc_sin=set, seed=set, kept=set) of prompt positions.
 
     ``softmax_domain``: the similarity softmax runs over the span's tokens (``"span"``) or over every
     token of the prompt, then only the span's columns are kept (``"sequence"``). ``min_one_seed``: at
-    least one seed (``max(1, round(seed_ratio * L))``), else ``round(seed_ratio * L)``, possibly 0."""
+    least one seed (``max(1, round(seed_ratio * L))``), else ``round(seed_ratio * L)``, possibly 0.
+    ``value_input``: values from layer K-1's input-normed hidden states (``"normed"``) or from the raw
+    residual stream entering it (``"residual"``). 1-D RoPE models (no ``get_rope_index``) use positions
+    ``0..S-1``. ``scored_part(start, L) -> (first, n)``: seeds and foreground scores come from that part of
+    the span only (InternVL's thumbnail); the result then also holds ``cos``, ``sin``, ``fg_scores`` and
+    ``seed`` local to the part, and the caller applies the budget rule."""
     if softmax_domain not in ("span", "sequence"):
         raise ValueError(f"softmax_domain must be 'span' or 'sequence', got {softmax_domain!r}")
     cfg = model.config
     text = cfg.get_text_config()
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
-        pos, _ = model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-            video_grid_thw=inputs.get("video_grid_thw"),
-        )
+        if hasattr(model.model, "get_rope_index"):
+            pos, _ = model.model.get_rope_index(
+                inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=inputs.get("video_grid_thw"),
+            )
+        else:
+            pos = torch.arange(inputs["input_ids"].shape[1])[None, None]
         dec = model.model.language_model.layers[layer - 1]
-        v = dec.self_attn.v_proj(dec.input_layernorm(out.hidden_states[layer - 1]))[0]
+        hidden = out.hidden_states[layer - 1]
+        v = dec.self_attn.v_proj(hidden if value_input == "residual" else dec.input_layernorm(hidden))[0]
     head_dim = text.hidden_size // text.num_attention_heads
     H = text.num_key_value_heads
     v = v.double().view(v.shape[0], H, head_dim)
     theta_base = text.rope_parameters["rope_theta"]
     thetas = [theta_base ** (-(2 * j) / head_dim) for j in range(head_dim // 2)]
     ids = inputs["input_ids"][0].tolist()
-    visual = [t in (cfg.image_token_id, cfg.video_token_id) for t in ids]
+    visual = [t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) for t in ids]
+    axes = pos.shape[0]
     spans, i = [], 0
     while i < len(ids):
         if visual[i]:
@@ -105,9 +116,10 @@ def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ra
             i += 1
     results = []
     for s, L in spans:
-        pts = [[int(pos[a, 0, s + k]) for a in range(3)] for k in range(L)]
+        pts = [[int(pos[a, 0, s + k]) for a in range(axes)] for k in range(L)]
+
         def axis_mean(fn, p):
-            return math.fsum(math.fsum(fn(p[a] * th) for th in thetas) / len(thetas) for a in range(3)) / 3
+            return math.fsum(math.fsum(fn(p[a] * th) for th in thetas) / len(thetas) for a in range(axes)) / axes
 
         cos_s = [axis_mean(math.cos, p) for p in pts]
         sin_s = [axis_mean(math.sin, p) for p in pts]
@@ -115,30 +127,34 @@ def reference_selection(model, inputs, layer, budget=0.5, ivc_ratio=0.1, seed_ra
         ivc_cos = _rank(cos_s)[:n_ivc]
         ivc_sin = _rank(sin_s)[:n_ivc]
         queries = [q for q in range(s + L + query_offset, len(ids)) if not visual[q]]
+        part, n = scored_part(s, L) if scored_part else (0, L)  # scored columns: span tokens part..part+n-1
 
-        # the softmax runs over these prompt positions; the row keeps the span's columns only
-        domain = range(s, s + L) if softmax_domain == "span" else range(len(ids))
-        first = domain.index(s)
+        # the softmax runs over these prompt positions; the row keeps the scored columns only
+        domain = range(s + part, s + part + n) if softmax_domain == "span" else range(len(ids))
+        first = domain.index(s + part)
 
-        def row(qvec, domain=domain, first=first, L=L):
-            out_row = [0.0] * L
+        def row(qvec, domain=domain, first=first, n=n):
+            out_row = [0.0] * n
             for h in range(H):
                 logits = [float(qvec[h] @ v[t, h]) / math.sqrt(head_dim) for t in domain]
                 m = max(logits)
                 ex = [math.exp(x - m) for x in logits]
                 z = math.fsum(ex)
-                for k in range(L):
+                for k in range(n):
                     out_row[k] += ex[first + k] / z / H
             return out_row
 
         text_rows = [row(v[q]) for q in queries]
-        stage1 = [math.fsum(r[k] for r in text_rows) / len(text_rows) for k in range(L)]
-        n_seed = _round_half_even(seed_ratio * L)
+        stage1 = [math.fsum(r[k] for r in text_rows) / len(text_rows) for k in range(n)]
+        n_seed = _round_half_even(seed_ratio * n)
         if min_one_seed:
             n_seed = max(1, n_seed)
         seeds = _rank(stage1)[:n_seed]
-        rows = text_rows + [row(v[s + k]) for k in seeds]
-        fg = [math.fsum(r[k] for r in rows) / len(rows) for k in range(L)]
+        rows = text_rows + [row(v[s + part + k]) for k in seeds]
+        fg = [math.fsum(r[k] for r in rows) / len(rows) for k in range(n)]
+        if scored_part:
+            results.append(dict(start=s, length=L, cos=cos_s, sin=sin_s, fg_scores=fg, seed=seeds))
+            continue
         priority = set(ivc_cos) | set(ivc_sin) | set(seeds)
         if rule == "fill":
             target = max(1, _round_half_even(budget * L))

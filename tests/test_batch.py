@@ -15,12 +15,11 @@ import torch
 from ivcprune import IVCPrune, RandomPrune
 from ivcprune.methods import REGISTRY, make_method
 
-from conftest import batch_inputs, make_inputs, make_model, mixed_rows
+from conftest import FAMILIES, batch_inputs, make_inputs, make_model, mixed_rows
 from reference import masked_reference
 
 ATOL = 2e-4
 N_NEW = 4
-FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 def _generate(model, inputs, n=N_NEW, **kw):
@@ -39,7 +38,7 @@ def models():
     return {(f, a): make_model(f, attn=a) for f in FAMILIES for a in ("sdpa", "eager")}
 
 
-@pytest.mark.filterwarnings("ignore:the Qwen2-VL preset uses the union rule")  # budget given to every method
+@pytest.mark.filterwarnings("ignore:the .* preset uses the union rule")  # budget given to every method
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -91,7 +90,8 @@ def test_batched_decode_positions_equal_unpruned(models, family):
     model = models[(family, "sdpa")]
     batch = batch_inputs(mixed_rows(model))
     seen: list[torch.Tensor] = []
-    hook = model.model.language_model.rotary_emb.register_forward_pre_hook(lambda m, a: seen.append(a[1].clone()))
+    hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[1] if len(a) > 1 else kw["position_ids"]).clone()), with_kwargs=True)
     try:
         with torch.no_grad():
             _generate(model, batch)

@@ -8,17 +8,12 @@ import torch
 
 from ivcprune import IVCPrune, RandomPrune
 
-from conftest import make_inputs, make_model
+from conftest import FAMILIES, make_inputs, make_model
 from reference import masked_reference
 
 ATOL = 2e-4
 
-CASES = [
-    ("qwen2_5_vl", "sdpa"),
-    ("qwen2_5_vl", "eager"),
-    ("qwen2_vl", "sdpa"),
-    ("qwen2_vl", "eager"),
-]
+CASES = [(family, attn) for family in FAMILIES for attn in ("sdpa", "eager")]
 
 
 def _generate(model, inputs, n=6, **kw):
@@ -61,7 +56,7 @@ def test_prefill_and_decode_match_masked_reference(family, attn, method):
     assert (full[-1] - pruned_prefill[-1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_kv_cache_of_every_layer_is_cut(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
@@ -83,7 +78,8 @@ def test_kv_cache_of_every_layer_is_cut(family):
 def _positions_seen(model, fn):
     seen = []
     h = model.model.language_model.rotary_emb.register_forward_pre_hook(
-        lambda m, args: seen.append(args[1].clone())
+        lambda m, args, kwargs: seen.append((args[1] if len(args) > 1 else kwargs["position_ids"]).clone()),
+        with_kwargs=True,
     )
     try:
         fn()
@@ -92,7 +88,7 @@ def _positions_seen(model, fn):
     return seen
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_generated_tokens_get_unpruned_positions(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
@@ -141,7 +137,7 @@ def test_kept_tokens_keep_their_original_rotary_embeddings(qwen25):
     assert captured["hidden"].shape[1] == keep.numel()
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_budget_one_changes_nothing(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 12, 16),))
@@ -172,22 +168,29 @@ def test_model_is_untouched_after_the_block(qwen25):
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in qwen25.modules()) == n_hooks
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_several_images_each_get_their_own_budget(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("image", 1, 8, 12), ("image", 1, 12, 16)))
     rep = _assert_matches_reference(model, inputs, IVCPrune(layer=2, budget=0.5, rule="fill"), 2)
-    assert [s.length for s in rep.spans] == [24, 48]
-    assert [s.kept for s in rep.spans] == [12, 24]
-    assert [s.grid for s in rep.spans] == [(1, 4, 6), (1, 6, 8)]
+    lengths, grids = {
+        "llava": ([64, 64], [(1, 8, 8)] * 2),  # one fixed size per image
+        "internvl": ([16, 48], [None, None]),  # one tile; 1x2 tiles + thumbnail
+    }.get(family, ([24, 48], [(1, 4, 6), (1, 6, 8)]))
+    assert [s.length for s in rep.spans] == lengths
+    assert [s.kept for s in rep.spans] == [n // 2 for n in lengths]
+    assert [s.grid for s in rep.spans] == grids
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_video_spans_are_pruned_like_images(family):
+    if family == "llava":
+        pytest.skip("LLaVA-1.5 takes no video")
     model = make_model(family)
     inputs = make_inputs(model, media=(("video", 2, 8, 8),))
     rep = _assert_matches_reference(model, inputs, IVCPrune(layer=2, budget=0.5, rule="fill"), 2)
-    assert [(s.kind, s.length, s.kept, s.grid) for s in rep.spans] == [("video", 32, 16, (2, 4, 4))]
+    expected = [("image", 16, 8, None)] * 2 if family == "internvl" else [("video", 32, 16, (2, 4, 4))]
+    assert [(s.kind, s.length, s.kept, s.grid) for s in rep.spans] == expected  # InternVL: a frame is an image
 
 
 def test_prompt_without_image_is_a_reported_noop(qwen25):

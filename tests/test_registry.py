@@ -61,7 +61,7 @@ def test_families_know_their_facts():
         cfg = random_config(name, {"num_hidden_layers": 2})
         assert cfg.model_type in FAMILIES and cfg.get_text_config().num_hidden_layers == 2
     with pytest.raises(ValueError, match="unknown random config"):
-        random_config("llava-1.5-7b")
+        random_config("llava-next-7b")
 
 
 @dataclasses.dataclass(repr=False, eq=False)

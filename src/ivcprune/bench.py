@@ -116,7 +116,7 @@ class GenerationRun:
 
 def _visual_module(model):
     inner = getattr(model, "model", model)
-    return getattr(inner, "visual", None)
+    return getattr(inner, "visual", None) or getattr(inner, "vision_tower", None)
 
 
 def measure_generate(model, inputs, method: PruningMethod | None, *, max_new_tokens: int = 32,
@@ -206,7 +206,8 @@ def _median(xs):
 def _image_inputs(model, processor, image_tokens: int, prompt: str, device, batch_size: int = 1):
     """Inputs of ``batch_size`` rows of one shape, each with one image of ``image_tokens`` visual tokens
     (after merging): the same prompt, different pixels (row ``b`` draws them with seed ``b``)."""
-    if processor is None:
+    if processor is None or getattr(model.config.vision_config, "spatial_merge_size", None) is None:
+        # no processor, or a family whose image size is not set by pixel bounds (fixed sizes, tiles)
         rows = [synthetic_inputs(model.config, image_tokens, seed=b, device=device) for b in range(batch_size)]
         return stack_inputs([inputs for inputs, _ in rows]), rows[0][1]
     merge = model.config.vision_config.spatial_merge_size

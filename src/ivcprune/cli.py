@@ -1,4 +1,4 @@
-"""``ivcprune`` command line: generate, bench, eval, score, compare, train-toy."""
+"""``ivcprune`` command line: generate, bench, eval, score, compare, train-toy, serve."""
 
 from __future__ import annotations
 
@@ -517,6 +517,25 @@ def cmd_train_toy(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from . import serve
+
+    try:
+        serve.check_installed()
+    except ImportError as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
+    name, args.model = args.model, _resolve_model_spec(args.model)
+    if args.model.startswith("random:"):
+        raise SystemExit("ivcprune: error: random:NAME models have no tokenizer or processor; serve a checkpoint")
+    _method_from_args(args)  # bad knobs fail here, before the model loads
+    _check_pixels(args)
+    config = serve.config_from_args(args, model_name=name, method=args.method,
+                                    knobs=_given_knobs(args, args.method))
+    model, processor = _load(args)
+    serve.run_server(model, processor, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivcprune", description="IVC-Prune visual token pruning for VLMs")
     parser.add_argument("--version", action="version", version=f"ivcprune {__version__}")
@@ -651,6 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--eval-samples", type=int, default=None)
     t.set_defaults(func=cmd_train_toy)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with pruning and micro-batching "
+                                     "(pip install 'ivcprune[serve]')")
+    _add_model_args(v)
+    _add_method_args(v)
+    from .serve.options import add_arguments as add_serve_args  # plain argparse: no web framework imported
+
+    add_serve_args(v)
+    v.set_defaults(func=cmd_serve)
     return parser
 
 

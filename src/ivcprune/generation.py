@@ -60,7 +60,9 @@ def kv_cache_bytes(cache) -> tuple[int, int]:
 @dataclass
 class Request:
     """One prompt: images (paths, PIL images or :class:`~ivcprune.inputs.EncodedImage`) and text, in one
-    user turn (images first); optional image size bounds, videos and a system turn."""
+    user turn (images first); optional image size bounds, videos, a system turn and earlier turns
+    (``history``: chat messages placed between the system turn and this one, e.g. a user turn built by
+    :func:`~ivcprune.inputs.user_message` and the assistant's answer ``{"role": "assistant", "content": text}``)."""
 
     images: Sequence[Any] = ()
     prompt: str = ""
@@ -69,10 +71,11 @@ class Request:
     min_pixels: int | None = None
     max_pixels: int | None = None
     system_prompt: str | None = None
+    history: Sequence[dict[str, Any]] = ()
 
     def messages(self) -> list[dict[str, Any]]:
-        msgs = user_message(self.prompt, self.images, self.videos, min_pixels=self.min_pixels,
-                            max_pixels=self.max_pixels)
+        msgs = [*self.history, *user_message(self.prompt, self.images, self.videos, min_pixels=self.min_pixels,
+                                             max_pixels=self.max_pixels)]
         if self.system_prompt:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs

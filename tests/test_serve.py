@@ -8,6 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -428,3 +432,34 @@ def test_cli_without_the_extra_says_what_to_install(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", "toy"])
     assert "pip install 'ivcprune[serve]'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(toy):
+    """The real command in a subprocess: SIGTERM while a stream is in flight; the stream still completes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ivcprune", "serve", "--model", "toy", "--port", str(port),
+                             "--log-level", "warning"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout=60)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        stream = ask(c, 0, stream=True, max_tokens=MAX_TOKENS)
+        pieces = [next(stream).choices[0].delta.content]
+        proc.send_signal(signal.SIGTERM)
+        pieces += [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+        assert "".join(pieces) == alone(toy, one(0)).text
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -26,7 +28,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import Batcher, Job, QueueFull, Result, ShuttingDown
 from .config import ServeConfig
 from .metrics import Metrics
-from .protocol import APIError, ChatJob, StreamText, bad, chunk, completion_body, delta, parse_chat, usage
+from .protocol import (
+    APIError,
+    ChatJob,
+    StreamText,
+    bad,
+    chunk,
+    completion_body,
+    count_prompt_tokens,
+    delta,
+    parse_chat,
+    usage,
+)
 
 CHAT = "/v1/chat/completions"
 ENDPOINTS = (CHAT, "/v1/models", "/health", "/metrics")
@@ -64,7 +77,10 @@ class Server:
     """The app's state: model, batcher, metrics, settings."""
 
     def __init__(self, model, processor, config: ServeConfig):
-        self.model, self.processor, self.config = model, processor, config
+        self.model, self.config = model, config
+        # The worker has the processor to itself; the HTTP side (token counts, streamed text) uses a copy:
+        # a fast tokenizer shared by threads can fail with "Already borrowed" while one of them pads.
+        self.processor, self._lock = copy.deepcopy(processor), threading.Lock()
         self.metrics = Metrics()
         self.batcher = Batcher(model, processor, max_batch_size=config.max_batch_size,
                                wait_s=config.batch_wait_ms / 1000, max_queue=config.limits.max_queue,
@@ -134,7 +150,7 @@ class Server:
         arrived = time.monotonic()
         self.check_key(request)
         body = await self.read_json(request)
-        chat = await asyncio.to_thread(parse_chat, body, self.config, self.model, self.processor)
+        chat = await asyncio.to_thread(parse_chat, body, self.config, self.model, self.count_tokens)
         job, events = self.enqueue(chat)
         deadline = arrived + self.config.limits.timeout_s
         ids = {"ident": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
@@ -172,8 +188,13 @@ class Server:
         finally:
             self.batcher.cancel(job)
 
+    def count_tokens(self, request) -> int:
+        with self._lock:
+            return count_prompt_tokens(self.processor, self.model, request)
+
     def _decode(self, tokens: list[int]) -> str:
-        return self.processor.decode(tokens, skip_special_tokens=True)
+        with self._lock:
+            return self.processor.decode(tokens, skip_special_tokens=True)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card()]}

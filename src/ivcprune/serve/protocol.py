@@ -178,7 +178,7 @@ def decode_image(url: str, limits: Limits) -> Image.Image:
     path = url[len("file://"):] if url.startswith("file://") else url
     if "://" in path:
         raise bad(f"image URL scheme {url.split('://', 1)[0]!r} is not supported: send a data URL", "messages")
-    return _open_image(_local_file(path, limits.local_image_dir), limits, "image file")
+    return _open_image(_local_file(path, limits.local_image_dir, limits.max_request_bytes), limits, "image file")
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -191,7 +191,7 @@ def _data_url_bytes(url: str) -> bytes:
         raise bad("image data URL is not valid base64", "messages") from None
 
 
-def _local_file(path: str, allowed: Path | None) -> bytes:
+def _local_file(path: str, allowed: Path | None, max_bytes: int) -> bytes:
     if allowed is None:
         raise bad("local image paths are refused: start the server with --allow-local-images DIR, or send a data "
                   "URL", "messages")
@@ -200,20 +200,26 @@ def _local_file(path: str, allowed: Path | None) -> bytes:
     if root != target and root not in target.parents:
         raise bad("image path is outside the folder allowed by --allow-local-images", "messages")
     try:
+        size = target.stat().st_size
+        if size > max_bytes:
+            raise APIError(413, f"image file is {size} bytes, above the limit of {max_bytes}", param="messages",
+                           code="image_too_large")
         return target.read_bytes()
     except OSError:
         raise bad(f"image file not found under the allowed folder: {path}", "messages") from None
 
 
 def _open_image(data: bytes, limits: Limits, what: str) -> Image.Image:
+    too_large = f"{what} has more pixels than the limit of {limits.max_image_pixels}"
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size  # from the header: nothing decoded yet
             if w * h > limits.max_image_pixels:
-                raise APIError(413, f"{what} is {w}x{h} = {w * h} pixels, above the limit of "
-                                    f"{limits.max_image_pixels}", param="messages", code="image_too_large")
+                raise APIError(413, f"{too_large} ({w}x{h})", param="messages", code="image_too_large")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+    except Image.DecompressionBombError:  # PIL's own guard, far above any sensible limit
+        raise APIError(413, too_large, param="messages", code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise bad(f"{what} is not an image this server can read ({type(e).__name__})", "messages") from None
 
 
@@ -311,8 +317,9 @@ def context_length(model) -> int:
 
 # -- the whole request ----------------------------------------------------------------------------------
 
-def parse_chat(body: Any, config: ServeConfig, model, processor) -> ChatJob:
-    """A chat-completions body -> :class:`ChatJob`, or :class:`APIError` (4xx) naming what is wrong."""
+def parse_chat(body: Any, config: ServeConfig, model, count_tokens: Callable[[Request], int]) -> ChatJob:
+    """A chat-completions body -> :class:`ChatJob`, or :class:`APIError` (4xx) naming what is wrong;
+    ``count_tokens`` counts a request's prompt tokens (see :func:`count_prompt_tokens`)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     model_id = _get(body, "model", (str,), "a string")
@@ -333,7 +340,7 @@ def parse_chat(body: Any, config: ServeConfig, model, processor) -> ChatJob:
     spec = parse_pruning(body.get("pruning"), config.method)
     check_method(spec, model)
     request = build_request(*parse_messages(body.get("messages"), limits), config)
-    prompt_tokens = count_prompt_tokens(processor, model, request)
+    prompt_tokens = count_tokens(request)
     cap = limits.max_prompt_tokens or context_length(model)
     if prompt_tokens > cap:
         raise bad(f"the prompt has {prompt_tokens} tokens (images included), above this server's limit of {cap}",

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 
@@ -214,15 +213,17 @@ def test_n_choices(toy, client):
     assert resp.usage.completion_tokens == 2 * len(ref.tokens)
 
 
-def test_seeded_sampling_is_reproducible(toy, client):
-    kw = dict(temperature=1.0, top_p=0.9, seed=7, extra_body={"pruning": {"method": "none"}})
+def test_seeded_sampling_is_reproducible_and_equals_the_cli(client, tmp_path, capsys):
+    kw = dict(temperature=1.0, top_p=0.9, seed=7)
     a, b = ask(client, 1, **kw), ask(client, 1, **kw)
     assert a.choices[0].message.content == b.choices[0].message.content
-    model, processor = toy
-    torch.manual_seed(7)
-    (ref,) = generate_batch(model, processor, [one(1)], None, max_new_tokens=MAX_TOKENS, do_sample=True,
-                            temperature=1.0, top_p=0.9)
-    assert a.choices[0].message.content == ref.text
+    path = tmp_path / "img.png"
+    sample(1).image.save(path)
+    assert main(["generate", "--model", "toy", "--image", str(path), "--prompt", sample(1).question, "--do-sample",
+                 "--temperature", "1.0", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", str(MAX_TOKENS),
+                 "--json"]) == 0
+    assert a.choices[0].message.content == json.loads(capsys.readouterr().out)["ivc"]["answer"]
+    assert ask(client, 1, **{**kw, "seed": 8}).choices[0].message.content != a.choices[0].message.content
 
 
 def test_local_images_only_under_the_allowed_folder(client, allowed, tmp_path):
@@ -385,6 +386,15 @@ def test_timeout_504_and_the_server_goes_on(toy, allowed):
                 ask(c, 0)
             assert e.value.status_code == 504 and srv.batcher.waiting == 0  # the waiting job was dropped
         assert ask(c, 0).choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_leaves_frees_its_place(server, client):
+    impatient = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=0.5)
+    with server.batcher.hold():
+        with pytest.raises(openai.APITimeoutError):
+            ask(impatient, 0)
+        wait_for(lambda: server.batcher.waiting == 0)  # dropped from the queue without reaching the model
+    assert ask(client, 0).choices[0].finish_reason == "stop"
 
 
 def test_graceful_shutdown_answers_in_flight_requests(toy, allowed):

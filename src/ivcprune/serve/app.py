@@ -157,13 +157,25 @@ class Server:
         if chat.stream:
             return StreamingResponse(self.stream(job, events, deadline, ids), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        result = await self.result(request, job, events, deadline)
+        self.answered(result)
+        return JSONResponse(completion_body(result, **ids))
+
+    async def result(self, request: Request, job: Job, events: asyncio.Queue, deadline: float) -> Result:
+        """The job's result; a client that leaves meanwhile cancels its job (its rows stop at the next step)."""
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while (event := await self.next_event(job, events, deadline))[0] != "done":
-                pass
+            while True:
+                event = asyncio.ensure_future(self.next_event(job, events, deadline))
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise APIError(499, "the client closed the connection", code="client_closed")
+                if event.result()[0] == "done":
+                    return event.result()[1]
         finally:
-            self.batcher.cancel(job)  # a no-op once answered; frees the model's row if the client left
-        self.answered(event[1])
-        return JSONResponse(completion_body(event[1], **ids))
+            gone.cancel()
+            self.batcher.cancel(job)  # a no-op once answered
 
     async def stream(self, job: Job, events: asyncio.Queue, deadline: float, ids: dict[str, Any]):
         chat = job.chat
@@ -201,6 +213,12 @@ class Server:
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "ivcprune"}
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read already: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -20,8 +20,24 @@ import torch
 def masked_reference(model, keep: torch.Tensor, layer: int):
     """Within the block, ``model`` masks prompt positions not in ``keep`` (sorted prompt positions) as keys
     from decoder layer ``layer`` on (prefill) and at every layer for later tokens (decode)."""
+    with masked_stages(model, [(layer, keep)]):
+        yield
+
+
+@contextlib.contextmanager
+def masked_stages(model, stages):
+    """Multi-stage :func:`masked_reference`: ``stages`` are ``(layer, keep)`` in layer order; during prefill,
+    layer ``l`` sees as keys the prompt positions kept by the last stage at or before ``l`` (all before the
+    first); later tokens see, at every layer, the positions kept by the last stage."""
     lm = model.model.language_model
     prompt_len = None
+
+    def alive_at(idx):
+        keep = None
+        for stage_layer, stage_keep in stages:
+            if stage_layer <= idx:
+                keep = stage_keep
+        return keep
 
     def pre(idx):
         def hook(module, args, kwargs):
@@ -35,10 +51,10 @@ def masked_reference(model, keep: torch.Tensor, layer: int):
                 prompt_len = q
             device = hidden.device  # masks live with the hidden states (CPU, CUDA), in their dtype
             key_ok = torch.ones(kv, dtype=torch.bool, device=device)
-            prompt_keep = torch.zeros(prompt_len, dtype=torch.bool, device=device)
-            prompt_keep[torch.as_tensor(keep, device=device)] = True
-            is_prefill = past == 0
-            if not is_prefill or idx >= layer:
+            keep = alive_at(idx) if past == 0 else stages[-1][1]
+            if keep is not None:
+                prompt_keep = torch.zeros(prompt_len, dtype=torch.bool, device=device)
+                prompt_keep[torch.as_tensor(keep, device=device)] = True
                 key_ok[:prompt_len] = prompt_keep
             rows = torch.arange(past, past + q, device=device)[:, None]
             cols = torch.arange(kv, device=device)[None, :]

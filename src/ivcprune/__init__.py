@@ -8,7 +8,18 @@
 """
 
 from .families import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
-from .methods import REGISTRY, IVCPrune, Preset, PruningMethod, RandomPrune, make_method, preset_for, register
+from .methods import (
+    REGISTRY,
+    FastV,
+    IVCPrune,
+    PDrop,
+    Preset,
+    PruningMethod,
+    RandomPrune,
+    make_method,
+    preset_for,
+    register,
+)
 from .report import PruneReport, SpanReport
 from .runtime import Needs, RowInput, SpanInput, SpanSelection, UnsupportedCacheError
 
@@ -17,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "IVCPrune",
     "RandomPrune",
+    "FastV",
+    "PDrop",
     "PruningMethod",
     "make_method",
     "register",

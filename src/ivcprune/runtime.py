@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import cut
 from .families import Adapter, Span, get_adapter
+from .merging import last_query_attention
 from .report import PruneReport, SpanReport
 from .tiles import TileLayout
 
@@ -54,6 +55,9 @@ class Needs:
     # what layer K-1's value projection is applied to: its input-normed hidden states (what the layer itself
     # computes, "normed") or the un-normalised residual stream entering it ("residual", InternVL's release)
     value_input: str = "normed"
+    attention: bool = False  # the last prompt token's attention (heads averaged), from captured q/k
+    # ...of layer K-1 (-1: FastV) or of layer K on its own input (0: PyramidDrop)
+    attention_at: int = -1
 
     def __post_init__(self):
         if self.value_input not in VALUE_INPUTS:
@@ -70,6 +74,8 @@ class RowInput:
     visual: torch.Tensor  # (length,) bool, CPU: tokens inside any visual span
     values: torch.Tensor | None  # (H, length, d) value vectors of layer K-1, if needed
     hidden: torch.Tensor | None  # (length, D) hidden states entering layer K, if needed
+    attention: torch.Tensor | None = None  # (length,) the last token's attention at layer K-1, if needed
+    # tokens already pruned by an earlier stage are zeros in ``values`` / ``hidden`` / ``attention``
 
 
 @dataclass
@@ -85,6 +91,12 @@ class SpanInput:
     rope: Any  # families.RopeInfo
     row: RowInput
     tiles: TileLayout | None = None  # a tiled image's layout (tiles, thumbnail)
+    alive: torch.Tensor | None = None  # local indices still in the sequence (multi-stage methods); None = all
+    stage: int | None = None  # the layer this selection runs before
+
+    @property
+    def alive_index(self) -> torch.Tensor:
+        return torch.arange(self.length) if self.alive is None else self.alive
 
     @property
     def local_start(self) -> int:
@@ -139,7 +151,9 @@ class _Forward:
     q_len: int
     past_valid: torch.Tensor  # (B, past): real slots of the cache before this chunk
     positions: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # captured for the next stage
+    attention: tuple | None = None  # (hidden, cos, sin) entering layer K-1 of the next stage
+    reports: list[PruneReport] | None = None  # per row, updated stage after stage
     index: torch.Tensor | None = None  # (B, M) gather index over the chunk; None = nothing cut
     valid: torch.Tensor | None = None  # (B, M)
     valid_kv: torch.Tensor | None = None  # (B, past + M): real slots of the cut cache
@@ -199,13 +213,22 @@ class Pruner:
         self.method = method
         self.model = model
         self.adapter: Adapter = get_adapter(model)
+        self.config = config
+        self.layer: int = config["layer"]
+        stages = getattr(method, "stages", None)
+        self.stages: tuple[int, ...] = tuple(sorted(set(stages(config)))) if stages else (self.layer,)
+        self.needs: Needs = method.needs(config)
+        if self.stages[0] != self.layer or self.stages[-1] >= self.adapter.num_layers:
+            raise ValueError(f"stages {self.stages} must start at the method's layer {self.layer} and stay below "
+                             f"{self.adapter.num_layers} decoder layers")
+        if (self.needs.values or self.needs.attention) and self.stages[0] < 1:
+            raise ValueError("value vectors and attention come from the decoder's layers: K must be >= 1")
+        if self.needs.attention and self.needs.attention_at not in (-1, 0):
+            raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
         with _APPLIED_LOCK:
             if model in _APPLIED:
                 raise RuntimeError("a pruning method is already applied to this model; remove it first")
             _APPLIED[model] = self
-        self.config = config
-        self.layer: int = config["layer"]
-        self.needs: Needs = method.needs(config)
         self._on_reports = on_reports
         self._local = threading.local()
         self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -216,15 +239,22 @@ class Pruner:
             a.entry.register_forward_hook(_Hook(self._entry_post), with_kwargs=True),
             a.rotary.register_forward_pre_hook(_Hook(self._rotary_pre), with_kwargs=True),
         ]
-        if self.needs.values and self.needs.value_input == "normed":
-            self._handles.append(a.value_module(self.layer - 1).register_forward_hook(_Hook(self._value_post)))
-        elif self.needs.values:
-            self._handles.append(a.layers[self.layer - 1].register_forward_pre_hook(_Hook(self._residual_pre),
-                                                                                      with_kwargs=True))
         for module in a.media_modules():
             self._handles.append(module.register_forward_pre_hook(_Hook(self._media_pre), with_kwargs=True))
         for idx in range(self.layer, a.num_layers):
             self._handles.append(a.layers[idx].register_forward_pre_hook(_Hook(self._layer_pre(idx)), with_kwargs=True))
+        # captures after the cutting hooks, so that a later stage's capture sees the cut sequence
+        if self.needs.attention and self.needs.attention_at not in (-1, 0):
+            raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
+        for stage in self.stages:
+            if self.needs.values and self.needs.value_input == "normed":
+                self._handles.append(a.value_module(stage - 1).register_forward_hook(_Hook(self._value_post)))
+            elif self.needs.values:
+                self._handles.append(a.layers[stage - 1].register_forward_pre_hook(_Hook(self._residual_pre),
+                                                                                     with_kwargs=True))
+            if self.needs.attention and self.needs.attention_at == -1:
+                self._handles.append(a.layers[stage - 1].register_forward_pre_hook(_Hook(self._attention_pre),
+                                                                                     with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -366,31 +396,49 @@ class Pruner:
         st = self._state
         if st is not None and st.values is None:
             with torch.no_grad():
-                st.values = self.adapter.value_module(self.layer - 1)(_arg(args, kwargs, 0, "hidden_states"))
+                st.values = module.self_attn.v_proj(_arg(args, kwargs, 0, "hidden_states"))
+        return None
+
+    def _attention_pre(self, module, args, kwargs):
+        st = self._state
+        if st is not None and st.attention is None:
+            cos, sin = kwargs["position_embeddings"]
+            st.attention = (module, _arg(args, kwargs, 0, "hidden_states"), cos, sin)
         return None
 
     # -- layer K and after -----------------------------------------------------------------------
     def _layer_pre(self, idx: int):
+        last_stage = self.stages[-1]
+
         def hook(module, args, kwargs):
             st = self._state
             if st is None:
                 return None
-            if idx == self.layer:
+            if idx in self.stages:
                 hidden = _arg(args, kwargs, 0, "hidden_states")
-                if hidden.shape[1] != st.q_len:
-                    raise RuntimeError(f"layer {idx} got {hidden.shape[1]} tokens, expected {st.q_len}")
-                self._select(st, hidden)
-                if st.index is None:
+                expected = st.q_len if st.index is None else st.index.shape[1]
+                if hidden.shape[1] != expected:
+                    raise RuntimeError(f"layer {idx} got {hidden.shape[1]} tokens, expected {expected}")
+                if self.needs.attention and self.needs.attention_at == 0:  # this layer's own attention
+                    emb = kwargs["position_embeddings"]
+                    cos, sin = emb if st.index is None else self._cut(st, "position_embeddings", emb)
+                    st.attention = (module, hidden, cos, sin)
+                rel = self._stage(st, idx, hidden)
+                if st.index is None and idx == last_stage:
                     self._state = None  # everything kept: run unmodified
                     return None
-                hidden = cut.gather_tokens(hidden, st.index, 1)
-                if "hidden_states" in kwargs:
-                    kwargs["hidden_states"] = hidden
-                else:
-                    args = (hidden, *args[1:])
-                st.cache = kwargs.get("past_key_values")
-                st.dtype, st.device = hidden.dtype, hidden.device
-                self._cut_cache(st)
+                if rel is not None:
+                    hidden = cut.gather_tokens(hidden, rel, 1)
+                    if "hidden_states" in kwargs:
+                        kwargs["hidden_states"] = hidden
+                    else:
+                        args = (hidden, *args[1:])
+                    st.cache = kwargs.get("past_key_values")
+                    st.dtype, st.device = hidden.dtype, hidden.device
+                    self._cut_cache(st, idx, rel)
+                    st.memo.clear()  # masks and rotary embeddings are cut anew for the new selection
+            if st.index is None:
+                return None
             # rows keep different counts: the cut batch needs a padding mask even where the model passed none
             kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"))
             for name in ("position_embeddings", "position_ids"):
@@ -426,65 +474,143 @@ class Pruner:
                                   attn_implementation=self.adapter.attn_implementation, dtype=st.dtype,
                                   device=mask.device if mask is not None else st.device)
 
-    def _select(self, st: _Forward, hidden: torch.Tensor) -> None:
-        if st.positions is None:
-            raise RuntimeError("rotary position ids were not captured before layer K")
-        values = None
+    def _current(self, st: _Forward, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``b``'s tokens in the current (possibly already cut) sequence: ``(slots, local)``, the slots
+        of the current sequence and the row-local indices (into its real tokens) they hold."""
+        real = st.real[b]
+        if st.index is None:
+            return real, torch.arange(len(real))
+        slots = st.valid[b].nonzero().squeeze(1)
+        return slots, torch.searchsorted(real, st.index[b, slots])
+
+    def _row_tensors(self, st: _Forward, hidden: torch.Tensor, b: int, slots, local):
+        """What the method declared it needs for row ``b``, in row coordinates (pruned tokens are zeros)."""
+        n = len(st.real[b])
+
+        def scatter(x, dim):  # x over the current slots of the row -> over the row's real tokens
+            shape = list(x.shape)
+            shape[dim] = n
+            out = x.new_zeros(shape)
+            index = [slice(None)] * x.dim()
+            index[dim] = local.to(x.device)
+            src = [slice(None)] * x.dim()
+            src[dim] = slots.to(x.device)
+            out[tuple(index)] = x[tuple(src)]
+            return out
+
+        values = hid = attn = None
         if self.needs.values:
             if st.values is None:
-                raise RuntimeError(f"value vectors of layer {self.layer - 1} were not captured")
-            values = self.adapter.split_heads(st.values)  # (B, H, S, d)
+                raise RuntimeError("value vectors of the layer before the stage were not captured")
+            values = scatter(self.adapter.split_heads(st.values)[b], 1)  # (H, n, d)
+        if self.needs.hidden:
+            hid = scatter(hidden[b], 0)
+        if self.needs.attention:
+            if st.attention is None:
+                raise RuntimeError("attention inputs of the layer before the stage were not captured")
+            attn = scatter(self._last_token_attention(st, b), 0)
+        return values, hid, attn
+
+    def _last_token_attention(self, st: _Forward, b: int) -> torch.Tensor:
+        """Row ``b``'s last token's attention over the current sequence at the captured layer, heads averaged,
+        computed from its queries / keys (whatever attention implementation the model runs)."""
+        layer, hidden, cos, sin = st.attention
+        slots = st.valid[b].nonzero().squeeze(1) if st.index is not None else st.real[b]
+        with torch.no_grad():
+            q, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
+            cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
+            sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
+            groups = q.shape[1] // k.shape[1]
+            row = last_query_attention(q[0, :, -1], k[0], cb, sb, layer.self_attn.scaling, groups)
+        out = torch.zeros(hidden.shape[1], dtype=row.dtype)
+        out[slots] = row.float().cpu()
+        return out
+
+    def _stage(self, st: _Forward, idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Select before layer ``idx``; returns the gather index over the current sequence (None: nothing
+        cut) and updates the selection's absolute index, validity and the reports."""
+        if st.positions is None:
+            raise RuntimeError("rotary position ids were not captured before the first stage")
         rope = self.adapter.rope_info()
-        keeps, reports = [], []
-        st.spans = self.adapter.layout_spans(st.spans, getattr(self._local, "media", None) or [])
+        first = idx == self.stages[0]
+        if first:
+            st.spans = self.adapter.layout_spans(st.spans, getattr(self._local, "media", None) or [])
+            st.reports = []
+        keeps, changed = [], False
         for b, spans in enumerate(st.spans):
             t0 = time.perf_counter()
             real = st.real[b]
+            slots, local = self._current(st, b)
+            values, hid, attn = self._row_tensors(st, hidden, b, slots, local)
             visual = torch.zeros(len(real), dtype=torch.bool)
             for s in spans:
                 visual[s.start : s.start + s.length] = True
-            row = RowInput(
-                row=b, length=len(real), past=st.real_past[b], visual=visual,
-                values=values[b][:, real.to(values.device)] if values is not None else None,
-                hidden=hidden[b, real.to(hidden.device)] if self.needs.hidden else None,
-            )
+            alive = torch.zeros(len(real), dtype=torch.bool)
+            alive[local] = True
+            row = RowInput(row=b, length=len(real), past=st.real_past[b], visual=visual, values=values, hidden=hid,
+                           attention=attn)
             positions = st.positions[:, b, real]
-            keep_mask = ~visual
-            span_reports, notes = [], []
+            keep_mask = alive & ~visual
+            span_reports = [] if first else st.reports[b].spans
+            notes = []
             for i, s in enumerate(spans):
+                span_alive = alive[s.start : s.start + s.length].nonzero().squeeze(1)
                 span_pos = positions[:, s.start : s.start + s.length]
                 inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
-                                row=row, tiles=s.tiles)
-                sel = self.method.select(inp, self.config)
+                                row=row, tiles=s.tiles, alive=None if first else span_alive, stage=idx)
+                sel = self.method.select(inp, self.config) if span_alive.numel() else SpanSelection(span_alive)
                 if sel.note:
                     notes.append(f"{s.kind} {i}: {sel.note}")
                 kept = sel.kept.cpu()
+                if not first and not bool(torch.isin(kept, span_alive).all()):
+                    raise RuntimeError(f"{self.method.name} kept tokens an earlier stage had pruned")
                 keep_mask[s.start + kept] = True
-                span_reports.append(SpanReport(
-                    index=i, kind=s.kind, start=inp.start, length=s.length, kept=int(kept.numel()),
-                    groups={k: (v.cpu() + inp.start) for k, v in sel.groups.items()}, grid=inp.grid,
-                ))
+                groups = {k: (v.cpu() + inp.start) for k, v in sel.groups.items()}
+                if first:
+                    span_reports.append(SpanReport(index=i, kind=s.kind, start=inp.start, length=s.length,
+                                                   kept=int(kept.numel()), groups=groups, grid=inp.grid,
+                                                   tiles=inp.tiles))
+                else:
+                    span_reports[i].kept = int(kept.numel())
+                    span_reports[i].groups.update(groups)
             keep = keep_mask.nonzero().squeeze(1)
+            changed |= len(keep) < len(local)
             keeps.append(real[keep])
-            reports.append(PruneReport(
-                method=self.method.name, layer=self.layer, seq_len=row.past + len(real),
-                kept=torch.cat([torch.arange(row.past), keep + row.past]), spans=span_reports,
-                config=dict(self.config), reason="; ".join(notes) or (None if spans else NO_VISUAL),
-                selection_ms=1000 * (time.perf_counter() - t0),
-            ))
-        self._on_reports(reports)
-        if any(len(k) < len(r) for k, r in zip(keeps, st.real)):  # else run unmodified
-            st.index, st.valid = cut.keep_index(keeps)
-            st.valid_kv = torch.cat([st.past_valid, st.valid], dim=1)
+            ms = 1000 * (time.perf_counter() - t0)
+            kept_all = torch.cat([torch.arange(row.past), keep + row.past])
+            reason = "; ".join(notes) or (None if spans else NO_VISUAL)
+            if first:
+                st.reports.append(PruneReport(
+                    method=self.method.name, layer=self.layer, seq_len=row.past + len(real), kept=kept_all,
+                    spans=span_reports, config=dict(self.config), reason=reason, selection_ms=ms))
+            else:
+                rep = st.reports[b]
+                rep.kept, rep.selection_ms = kept_all, rep.selection_ms + ms
+                if notes:
+                    rep.reason = "; ".join(filter(None, [rep.reason, *notes]))
+        st.values = st.attention = None
+        self._on_reports(st.reports)
+        if not changed:
+            return None
+        index, valid = cut.keep_index(keeps)
+        if st.index is None:
+            rel = index
+        else:  # the new selection as slots of the current sequence
+            rel = torch.stack([torch.searchsorted(st.index[b].masked_fill(~st.valid[b], -1), index[b])
+                               for b in range(len(keeps))])
+        st.index, st.valid = index, valid
+        st.valid_kv = torch.cat([st.past_valid, st.valid], dim=1)
+        return rel
 
-    def _cut_cache(self, st: _Forward) -> None:
+    def _cut_cache(self, st: _Forward, idx: int, rel: torch.Tensor) -> None:
+        """Layers before ``idx`` hold the current sequence: cut their caches to the new selection."""
         cache = st.cache
         if cache is None:
             return
         _check_cache(cache)
-        index = cut.extend_index(st.index, st.past)
-        for i in range(self.layer):
+        index = cut.extend_index(rel, st.past)
+        for i in range(idx):
             layer = cache.layers[i]
             layer.keys, layer.values = cut.cut_cache(layer.keys, layer.values, index)
 

@@ -217,6 +217,20 @@ class Family:
         """Module whose output is the value projection of decoder layer ``layer_idx``."""
         raise NotImplementedError
 
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last token's queries ``(B, H, 1, d)`` and every token's keys ``(B, Hkv, S, d)`` of decoder layer
+        ``layer`` for the hidden states ``(B, S, D)`` entering it, before the rotary embedding (the layer's input
+        norm, projections and per-head q/k norms where the model has them)."""
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        B, S, _ = h.shape
+        d = attn.head_dim
+        q = attn.q_proj(h[:, -1:]).view(B, 1, -1, d)
+        k = attn.k_proj(h).view(B, S, -1, d)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     def split_heads(self, value_out: torch.Tensor) -> torch.Tensor:
         """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""
         B, S = value_out.shape[:2]

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import PruningMethod, knob_fields, paper_layer
+from .base import PruningMethod, RankedMethod, knob_fields, paper_layer
+from .combined import with_ivc
+from .fastv import FastV
 from .ivc import IVCPrune, Preset, preset_for
+from .pdrop import PDrop
 from .random import RandomPrune
 
 
@@ -37,6 +40,12 @@ register("random", RandomPrune)
 register("ivc_only", IVCPrune, "IVC only", ablation="ivc_only")
 register("no_ivc", IVCPrune, "foreground only", ablation="no_ivc")
 register("no_foreground", IVCPrune, "IVC tokens alone", ablation="no_foreground")
+register("fastv", FastV)
+register("pdrop", PDrop)
+FastVWithIVC = with_ivc(FastV)
+PDropWithIVC = with_ivc(PDrop)
+register("fastv+ivc", FastVWithIVC)
+register("pdrop+ivc", PDropWithIVC)
 
 
 def method_names(*, with_none: bool = True) -> tuple[str, ...]:
@@ -67,5 +76,6 @@ def make_method(name: str, **knobs: Any) -> PruningMethod | None:
     return entry.cls(**{**given, **entry.fixed})
 
 
-__all__ = ["PruningMethod", "IVCPrune", "RandomPrune", "Preset", "preset_for", "paper_layer", "REGISTRY",
+__all__ = ["PruningMethod", "RankedMethod", "IVCPrune", "RandomPrune", "FastV", "PDrop", "FastVWithIVC",
+           "PDropWithIVC", "with_ivc", "Preset", "preset_for", "paper_layer", "REGISTRY",
            "MethodEntry", "register", "make_method", "method_names", "method_label", "knob_fields"]

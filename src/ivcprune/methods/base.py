@@ -73,6 +73,7 @@ class PruningMethod:
 
     name: ClassVar[str] = "base"
     label: ClassVar[str] = "base"
+    min_layer: ClassVar[int] = 1  # 0: the method may act before the first decoder layer (on the LLM's input)
 
     layer: int | None = field(default=None, metadata={"help": "K: prune before this decoder layer"})
     budget: float | None = field(default=None, metadata={"help": "fraction of each image's tokens kept, in (0, 1]"})
@@ -85,8 +86,9 @@ class PruningMethod:
         layer = self.layer
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if layer is not None and layer < 1:
-            raise ValueError(f"layer (K) must be >= 1: layer K-1 feeds the selection; got {layer}")
+        if layer is not None and layer < self.min_layer:
+            why = "layer K-1 feeds the selection" if self.min_layer else "0 is before the first decoder layer"
+            raise ValueError(f"layer (K) must be >= {self.min_layer}: {why}; got {layer}")
         check_ratio("budget", self.budget)
         bt = self.budget_tokens
         if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
@@ -171,9 +173,10 @@ class PruningMethod:
         """Concrete settings for ``adapter``'s model (preset values for what was left ``None``): every knob."""
         layer = self.layer if self.layer is not None else self.default_layer(adapter)
         n = adapter.num_layers
-        if not 1 <= layer < n:
+        if not self.min_layer <= layer < n:
             raise ValueError(
-                f"layer K={layer} is out of range for a model with {n} decoder layers: K must be in [1, {n - 1}]"
+                f"layer K={layer} is out of range for a model with {n} decoder layers: K must be in "
+                f"[{self.min_layer}, {n - 1}]"
             )
         cfg = {"method": self.name, "model_type": adapter.model_type, "num_layers": n}
         cfg.update(self.knobs())
@@ -202,3 +205,31 @@ class PruningMethod:
 def knob_fields(cls: type) -> list[dataclasses.Field]:
     """The user-facing fields (knobs) of a method class."""
     return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+
+
+@dataclass(repr=False, eq=False)
+class RankedMethod(PruningMethod):
+    """A method that scores a span's tokens and keeps the best ones (among those an earlier stage left)."""
+
+    def scores(self, span: SpanInput, config: dict[str, Any]) -> torch.Tensor:
+        """``(L,)`` scores of the span's tokens, higher is better (only the alive ones are read)."""
+        raise NotImplementedError
+
+    def keep_count(self, span: SpanInput, config: dict[str, Any]) -> int:
+        """Tokens of the span to keep at this stage."""
+        return self.target_count(span.length, config)
+
+    def ranking(self, span: SpanInput, config: dict[str, Any]) -> torch.Tensor:
+        """The alive tokens, best first (ties to the lower index)."""
+        alive = span.alive_index
+        scores = self.scores(span, config).cpu()
+        return alive[sel.stable_topk(scores[alive], alive.numel())]
+
+    def stage_group(self, span: SpanInput) -> str:
+        """The report group of this stage's picks: the method's name (``name@layer`` for multi-stage methods)."""
+        stages = getattr(self, "stages", None)
+        return self.name if stages is None else f"{self.name}@{span.stage}"
+
+    def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:
+        top = self.ranking(span, config)[: self.keep_count(span, config)]
+        return SpanSelection(top.sort().values, {self.stage_group(span): top})

@@ -86,6 +86,22 @@ def preset_for(model_type: str, num_layers: int) -> Preset:
     return Preset(layer=paper_layer(model_type, num_layers), budget=0.5, seed_ratio=0.01, **fields)
 
 
+def span_ivc_scores(span: SpanInput, statistic: str = "authors", numerics: str = "ours"):
+    """``(cos, sin)`` IVC statistics of a span's tokens, from its positions and the model's rotary layout."""
+    rope = span.rope
+    return sel.ivc_scores(span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
+                          statistic=statistic, mrope_section=rope.mrope_section, numerics=numerics,
+                          model_dtype=rope.dtype)
+
+
+def ivc_tokens(span: SpanInput, ratio: float, statistic: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
+    """The span's IVC tokens: the top ``ratio`` by cos score and the top ``ratio`` by sin score (local indices,
+    rank order)."""
+    cos_s, sin_s = span_ivc_scores(span, statistic)
+    n = sel.ratio_count(ratio, span.length)
+    return sel.stable_topk(cos_s, n), sel.stable_topk(sin_s, n)
+
+
 @dataclass(repr=False, eq=False)
 class IVCPrune(PruningMethod):
     """IVC-Prune: keep implicit-visual-coordinate tokens and prompt-aware foreground tokens.
@@ -218,12 +234,7 @@ class IVCPrune(PruningMethod):
         return SpanSelection(kept, groups, note)
 
     def _ivc_scores(self, span: SpanInput, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        rope = span.rope
-        return sel.ivc_scores(
-            span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
-            statistic=config["ivc_statistic"], mrope_section=rope.mrope_section, numerics=config["numerics"],
-            model_dtype=rope.dtype,
-        )
+        return span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
 
     def _select_tiles(self, span: SpanInput, config: dict[str, Any], target: int) -> SpanSelection:
         """InternVL's scheme (:func:`ivcprune.tiles.tile_selection`): seeds and foreground ranked on the

@@ -1,0 +1,134 @@
+"""Baseline methods against direct re-implementations of their rules: FastV and PDrop rank by attention
+weights that eager attention materialises (``output_attentions``; the methods themselves compute the one row
+they need from queries and keys, under sdpa); PDrop's stages are checked one by one on the masked reference,
+and its prefill and decoding equal the multi-stage masked reference; the "+IVC" combinations keep the IVC
+tokens inside the same budget."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from ivcprune import FastV, PDrop, get_adapter, make_method
+from ivcprune.methods.pdrop import default_stages
+
+from conftest import FAMILIES, make_inputs, make_model
+from reference import masked_stages
+
+ATOL = 2e-4
+
+
+def _last_row(model, inputs, layer, stages=()):
+    """Eager attention of the last prompt token in ``layer`` (heads averaged), prompt positions masked as keys
+    by ``stages`` (see :func:`masked_stages`)."""
+    ctx = masked_stages(model, list(stages)) if stages else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        out = model(**inputs, output_attentions=True)
+    return out.attentions[layer][0, :, -1].float().mean(0)
+
+
+def _top(scores, candidates, k):
+    order = sorted(candidates, key=lambda i: (-float(scores[i]), i))
+    return set(order[:k])
+
+
+def _text_positions(rep):
+    visual = {p for s in rep.spans for p in range(s.start, s.start + s.length)}
+    return {p for p in range(rep.seq_len) if p not in visual}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fastv_keeps_the_tokens_eager_attention_ranks_first(family):
+    sdpa, eager = make_model(family, attn="sdpa"), make_model(family, attn="eager")
+    inputs = make_inputs(sdpa, media=(("image", 1, 12, 16),), text_after=7)
+    method = FastV(layer=2, budget=0.3)
+    with torch.no_grad(), method(sdpa):
+        sdpa(**inputs)
+    rep = method.last_report
+    row = _last_row(eager, inputs, 1)  # layer K-1
+    for s in rep.spans:
+        expected = _top(row, range(s.start, s.start + s.length), method.target_count(s.length, rep.config))
+        assert set(s.groups["fastv"].tolist()) == expected
+        assert {p for p in rep.kept.tolist() if s.start <= p < s.start + s.length} == expected
+
+
+def test_pdrop_defaults():
+    assert default_stages(32) == (8, 16, 24) and default_stages(28) == (7, 14, 21)
+    model = make_model("llava", layers=8)
+    cfg = PDrop().resolve(get_adapter(model))
+    assert cfg["stages"] == [2, 4, 6] and cfg["layer"] == 2 and cfg["stage_ratio"] == 0.5
+    assert cfg["budget"] == pytest.approx(0.125)
+    assert PDrop(budget=0.25).resolve(get_adapter(model))["stage_ratio"] == \
+        pytest.approx(0.25 ** (1 / 3))
+    with pytest.raises(ValueError, match="stage_layers"):
+        PDrop(stage_layers="8,4")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pdrop_stages_match_eager_attention_and_the_masked_reference(family):
+    layers = 8
+    sdpa, eager = make_model(family, attn="sdpa", layers=layers), make_model(family, attn="eager", layers=layers)
+    inputs = make_inputs(sdpa, media=(("image", 1, 12, 16),), text_after=7)
+    method = PDrop()
+    with torch.no_grad(), method(sdpa):
+        logits = sdpa(**inputs).logits[0]
+        out = sdpa.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+    rep = method.last_report
+    stages = rep.config["stages"]
+    assert stages == [2, 4, 6]
+    text = _text_positions(rep)
+    alive = {s.index: set(range(s.start, s.start + s.length)) for s in rep.spans}
+    masks = []
+    for step, layer in enumerate(stages, start=1):
+        row = _last_row(eager, inputs, layer, masks)  # the stage layer's own attention, earlier stages masked
+        keep = set(text)
+        for s in rep.spans:
+            alive[s.index] = _top(row, alive[s.index], int(s.length * 0.5**step))
+            assert set(s.groups[f"pdrop@{layer}"].tolist()) == alive[s.index], f"stage {layer}"
+            keep |= alive[s.index]
+        masks.append((layer, torch.tensor(sorted(keep))))
+    assert set(rep.kept.tolist()) == set(masks[-1][1].tolist())
+    with torch.no_grad(), masked_stages(sdpa, masks):
+        ref_logits = sdpa(**inputs).logits[0]
+        ref = sdpa.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+    # every layer's cache holds the tokens kept in the end, plus the generated ones
+    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
+
+
+@pytest.mark.parametrize("name", ["fastv+ivc", "pdrop+ivc"])
+def test_ivc_tokens_are_kept_inside_the_budget(name):
+    model = make_model("qwen2_5_vl", layers=8)
+    inputs = make_inputs(model, media=(("image", 1, 16, 20),), text_after=7)
+    base, combined = make_method(name.split("+")[0]), make_method(name)
+    for m in (base, combined):
+        with torch.no_grad(), m(model):
+            model(**inputs)
+    b, c = base.last_report.spans[0], combined.last_report.spans[0]
+    assert b.kept == c.kept  # the same budget
+    ivc = set(c.groups["ivc_cos"].tolist()) | set(c.groups["ivc_sin"].tolist())
+    kept = {p for p in combined.last_report.kept.tolist() if c.start <= p < c.start + c.length}
+    assert ivc and ivc <= kept
+    assert kept != {p for p in base.last_report.kept.tolist() if b.start <= p < b.start + b.length}
+
+
+def test_fastv_plus_ivc_fills_with_fastv_ranking():
+    """Outside the IVC tokens, FastV+IVC keeps FastV's best tokens: its pick is FastV's ranking with the IVC
+    tokens taken out first."""
+    model, eager = make_model("llava"), make_model("llava", attn="eager")
+    inputs = make_inputs(model, text_after=7)
+    m = make_method("fastv+ivc", layer=2, budget=0.4)
+    with torch.no_grad(), m(model):
+        model(**inputs)
+    s = m.last_report.spans[0]
+    ivc = set(s.groups["ivc_cos"].tolist()) | set(s.groups["ivc_sin"].tolist())
+    row = _last_row(eager, inputs, 1)
+    rest = [p for p in range(s.start, s.start + s.length) if p not in ivc]
+    assert set(s.groups["fastv+ivc"].tolist()) == _top(row, rest, s.kept - len(ivc))

@@ -1,8 +1,11 @@
-"""Parsing grounding answers of Qwen-VL models, and box geometry.
+"""Parsing grounding answers, and box geometry.
 
 Qwen2.5-VL answers ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` (often inside a ```json fence, often
 as a list) in pixels of the resized image; Qwen2-VL answers ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
-in a 0-1000 frame. The same parser serves the project's own model and real checkpoints.
+in a 0-1000 frame; LLaVA-1.5 a bare ``[x1, y1, x2, y2]`` in 0-1 of the image padded to a square (format
+``list``); InternVL ``<ref>...</ref><box>[[x1, y1, x2, y2]]</box>`` in a 0-1000 frame (``ref_box``; the
+``<ref>`` / ``<box>`` tags are special tokens, often decoded away). The same parser serves the project's own
+model and real checkpoints. The frames are mapped to original pixels by :mod:`ivcprune.evals.grounding`.
 
 Two parsers (``BOX_PARSERS``):
 
@@ -12,6 +15,11 @@ Two parsers (``BOX_PARSERS``):
   ``[x1, y1, x2, y2]`` of unsigned integers (spaces only after the commas) for Qwen2.5-VL; the first
   ``(x1,y1),(x2,y2)`` of unsigned integers without any space for Qwen2-VL. Corners are kept as written (a swapped
   box has IoU 0, as in their ``bbox_overlaps``); anything else is a miss (they answer ``[0, 0, 0, 0]``).
+  InternVL (``vlmeval/vlm/internvl/internvl_chat_grounding.py``, ``extract_and_normalize_coordinates``): the
+  first ``[`` (or ``[[``) followed by four comma-separated fields up to a ``]`` on one line, each read as a
+  float (any field that is not one makes the answer a miss), corners as written; the frame rule that goes
+  with it (four coordinates summing to under 4 are taken as 0-1 already) is applied where boxes are mapped.
+  LLaVA: the authors evaluated no LLaVA grounding, so ``authors`` reads LLaVA's lists as ``lenient`` does.
 - ``lenient``: this project's parser: floats, signs, spaces, ``bbox``/unquoted keys, JSON lists, bare
   ``[a, b, c, d]`` lists, swapped corners put in order.
 """
@@ -80,7 +88,17 @@ def parse_qwen2_box(text: str) -> Box | None:
     return _ordered(m.groups()) if m else None
 
 
-PARSERS = {"bbox_2d": parse_qwen25_box, "box_tokens": parse_qwen2_box}
+def parse_list_box(text: str) -> Box | None:
+    """First ``[x1, y1, x2, y2]`` of an answer (LLaVA-1.5's boxes, InternVL's inside ``<box>[[...]]</box>``;
+    numbers with signs and decimals, any spacing), corners put in order; ``None`` if there is none."""
+    if not isinstance(text, str):
+        return None
+    m = _FOUR.search(text)
+    return _ordered(m.groups()) if m else None
+
+
+PARSERS = {"bbox_2d": parse_qwen25_box, "box_tokens": parse_qwen2_box, "list": parse_list_box,
+           "ref_box": parse_list_box}
 
 # the authors' patterns (re-stated, not copied): integers only, the exact spacing their regexes allow
 _AUTHORS_BBOX = re.compile(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]')
@@ -101,13 +119,32 @@ def authors_qwen2_box(text: str) -> Box | None:
     return tuple(float(v) for v in m.groups()) if m else None
 
 
-AUTHORS_PARSERS = {"bbox_2d": authors_qwen25_box, "box_tokens": authors_qwen2_box}
+# InternVL's four fields: from the first run of "[" to the first "]" on the line, split at the first three commas
+_AUTHORS_INTERNVL = re.compile(r"\[+(.*?),(.*?),(.*?),(.*?)\]")
+
+
+def authors_internvl_box(text: str) -> Box | None:
+    """InternVL box as the authors' evaluation reads it: the first bracketed four fields (see the module
+    notes), each a float, corners as written, in the answer's frame; ``None`` (their ``[0, 0, 0, 0]``, a miss)
+    when there is none or a field is no number."""
+    m = _AUTHORS_INTERNVL.search(text) if isinstance(text, str) else None
+    if not m:
+        return None
+    try:
+        return tuple(float(v) for v in m.groups())
+    except ValueError:
+        return None
+
+
+AUTHORS_PARSERS = {"bbox_2d": authors_qwen25_box, "box_tokens": authors_qwen2_box, "list": parse_list_box,
+                   "ref_box": authors_internvl_box}
 BOX_PARSERS = {"authors": AUTHORS_PARSERS, "lenient": PARSERS}
 
 
 def parse_box(text: str, box_format: str = "bbox_2d", parser: str = "lenient") -> Box | None:
-    """Parse an answer in a box format (a family's ``box_format``): ``bbox_2d`` (JSON, Qwen2.5-VL) or
-    ``box_tokens`` (``(x1,y1),(x2,y2)``, Qwen2-VL), with the ``lenient`` or the ``authors`` parser."""
+    """Parse an answer in a box format (a family's ``box_format``): ``bbox_2d`` (JSON, Qwen2.5-VL),
+    ``box_tokens`` (``(x1,y1),(x2,y2)``, Qwen2-VL), ``list`` (``[x1, y1, x2, y2]``, LLaVA-1.5) or ``ref_box``
+    (``<box>[[x1, y1, x2, y2]]</box>``, InternVL), with the ``lenient`` or the ``authors`` parser."""
     if parser not in BOX_PARSERS:
         raise ValueError(f"unknown box parser {parser!r}; choose from {', '.join(BOX_PARSERS)}")
     if box_format not in PARSERS:

@@ -48,6 +48,29 @@ def _check_pixels(args) -> None:
         raise SystemExit(f"ivcprune: error: --min-pixels {lo} is above --max-pixels {hi}")
 
 
+def _model_type(spec: str) -> str | None:
+    """``model_type`` of a local checkpoint folder, from its config.json alone (``None`` when not known)."""
+    try:
+        return json.loads((Path(spec) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_family_flags(args, model_type: str | None) -> None:
+    """Image flags the model's family takes: ``--min/max-pixels`` (Qwen-VL resizing), ``--max-tiles`` (InternVL)."""
+    from .media import media_for
+
+    if model_type is None:
+        return
+    media = media_for(model_type)
+    if getattr(args, "max_tiles", None) is not None and not media.tiled:
+        raise SystemExit(f"ivcprune: error: --max-tiles applies to tiled-image models (InternVL), not {model_type}")
+    given = [f for f in ("min_pixels", "max_pixels") if getattr(args, f, None) is not None]
+    if given and not media.pixel_bounds:
+        raise SystemExit(f"ivcprune: error: --{given[0].replace('_', '-')} applies to Qwen-VL models (qwen-vl-utils "
+                         f"resizing); the {model_type} processor sizes images itself")
+
+
 def _check_writable(path: str | None) -> None:
     """``--out`` can be created and written, checked before the model loads."""
     if not path:
@@ -164,8 +187,12 @@ def cmd_generate(args) -> int:
             raise SystemExit(f"ivcprune: error: image not found: {path}")
     if args.model.startswith("random:"):
         raise SystemExit("ivcprune: error: random:NAME models have no tokenizer or processor; use `ivcprune bench`")
+    _check_family_flags(args, _model_type(args.model))
+    _check_writable(args.out)
     model, processor = _load(args)
-    request = Request(args.image, args.prompt, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    _check_family_flags(args, model.config.model_type)
+    request = Request(args.image, args.prompt, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                      max_tiles=args.max_tiles)
     gen: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens)
     if args.do_sample:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
@@ -179,11 +206,13 @@ def cmd_generate(args) -> int:
     for name, m in variants:  # the generation path of every front door, a batch of one
         (row,) = generate_batch(model, processor, [request], m, **gen)
         results[name] = (row, row.text)
+    out = {name: {"answer": ans, "prefill_s": r.prefill_s, "decode_ms_per_token": r.timing.decode_ms_per_token,
+                  "new_tokens": len(r.tokens), "kv_bytes": r.kv_bytes, "kv_tokens": r.kv_tokens,
+                  "report": r.report.to_dict() if r.report is not None else None}
+           for name, (r, ans) in results.items()}
+    if args.out:
+        _save_generation(Path(args.out), args.prompt, results, out)
     if args.json:
-        out = {name: {"answer": ans, "prefill_s": r.prefill_s, "decode_ms_per_token": r.timing.decode_ms_per_token,
-                      "new_tokens": len(r.tokens), "kv_bytes": r.kv_bytes, "kv_tokens": r.kv_tokens,
-                      "report": r.report.to_dict() if r.report is not None else None}
-               for name, (r, ans) in results.items()}
         print(json.dumps(out, indent=2))
         return 0
     if len(results) == 1:
@@ -211,6 +240,21 @@ def cmd_generate(args) -> int:
         print()
         print(method.last_report.summary())
     return 0
+
+
+def _save_generation(folder: Path, prompt: str, results: dict[str, Any], out: dict[str, Any]) -> None:
+    """``generate --out``: ``answer.txt`` (the last variant's answer: the pruned one), ``report.json`` (what
+    ``--json`` prints) and ``kept_tokens_{i}.png`` per image of the pruned run (the image as the model saw it,
+    its visual tokens by kind)."""
+    from .evals.runner import atomic_write_text
+    from .viz import report_pictures
+
+    row, answer = list(results.values())[-1]
+    atomic_write_text(folder / "answer.txt", answer + "\n")
+    atomic_write_text(folder / "report.json", json.dumps(out, indent=2))
+    if row.report is not None:
+        for i, pic in enumerate(report_pictures(row.report, row.seen, row.views, " ".join(prompt.split()))):
+            pic.save(folder / f"kept_tokens_{i}.png")
 
 
 def cmd_bench(args) -> int:
@@ -293,6 +337,7 @@ def cmd_eval(args) -> int:
     if missing:
         raise SystemExit(f"{len(missing)} of {len(names)} benchmarks not found:\n" + "\n".join(missing))
     _check_pixels(args)
+    _check_family_flags(args, _model_type(args.model))
     _check_judge(args)
     _check_writable(args.out)
     dist = init_distributed()
@@ -309,6 +354,7 @@ def cmd_eval(args) -> int:
         model, processor = _load(args, dist.local_rank if dist.world > 1 else None)
         if processor is None:
             raise SystemExit("eval needs a checkpoint with a processor (random:NAME models have none)")
+        _check_family_flags(args, model.config.model_type)
         rows, errors = _run_evals(args, spec, model, processor, runs, dist, single_bench=len(benches) == 1)
     if dist.rank == 0:
         _write_comparison(args, rows, several=len(built) > 1 or len(benches) > 1, grounding_only=len(benches) == 1)
@@ -373,6 +419,8 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
             prompt = family_class(family).grounding_prompts()[_grounding_prompt(args)]
         lo, hi = authors_pixels(model.config, bench.task)
         pixels = (args.min_pixels or lo, args.max_pixels or hi)
+        model_family = family_class(model.config.model_type)  # InternVL: the authors' tile limit by default
+        max_tiles = args.max_tiles or getattr(model_family, "max_tiles", None)
         info = {"name": name, "model": spec, "model_path": args.model,
                 "data": args.data if single_bench else bench.name, "benchmark": bench.name, "source": bench.source,
                 "task": bench.task, "method": m, "label": method_label(m),
@@ -380,6 +428,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
                 "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "seed": args.seed if bench.source == "synthetic" else None, "pixels": list(pixels),
+                "max_tiles": max_tiles,
                 "refs": args.refs, "gt_frame": args.gt_frame, "boxes": _boxes(args), "answers": args.answers,
                 "grounding_prompt": _grounding_prompt(args) if args.prompt_template is None else "template",
                 "judge_model": args.judge_model if args.judge else None, "judge_url": args.judge,
@@ -396,13 +445,13 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
         judge = Judge(args.judge, args.judge_model, cache=run_dir / JUDGE_CACHE) if args.judge else None
 
         def predict(batch, method=method, prompt=prompt, pixels=pixels, pictures=pictures, budget=budget,
-                    judge=judge):
+                    judge=judge, max_tiles=max_tiles):
             paths = []
             for sample in batch:  # a picture for each sample while the budget lasts
                 paths.append(pictures / f"{_file_safe(sample.id)}.png" if budget["left"] > len(paths) else None)
             recs = predict_samples(model, processor, batch, method, family=family,
                                    max_new_tokens=args.max_new_tokens, prompt_template=prompt, pixels=pixels,
-                                   pictures=paths, boxes=_boxes(args), answers=args.answers)
+                                   pictures=paths, boxes=_boxes(args), answers=args.answers, max_tiles=max_tiles)
             if judge is not None:  # only answers exact matching could not read (pred None)
                 judge_records(judge, batch, recs)
             budget["left"] -= sum(1 for p in paths if p is not None and p.exists())
@@ -537,6 +586,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .families import SUPPORTED_MODEL_TYPES
+
     parser = argparse.ArgumentParser(prog="ivcprune", description="IVC-Prune visual token pruning for VLMs")
     parser.add_argument("--version", action="version", version=f"ivcprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -551,10 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--min-pixels", type=_positive, default=None)
-    g.add_argument("--max-pixels", type=_positive, default=None)
+    g.add_argument("--min-pixels", type=_positive, default=None, help="Qwen-VL: resize images to at least this "
+                                                                         "many pixels (qwen-vl-utils)")
+    g.add_argument("--max-pixels", type=_positive, default=None, help="Qwen-VL: ... and at most this many")
+    g.add_argument("--max-tiles", type=_positive, default=None,
+                   help="InternVL: tiles per image at most (default: the processor's max_patches)")
     g.add_argument("--compare", action="store_true", help="also run unpruned and compare side by side")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="also write answer.txt, report.json (what --json prints) and kept_tokens_N.png (per image "
+                        "of the pruned run: the image as the model saw it, its visual tokens by kind)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="unpruned vs pruned: prefill, decode, memory, KV cache, FLOP expectation")
@@ -606,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comparison: comma list of method names (none for the unpruned model)")
     e.add_argument("--budgets", default=None, help="comparison: comma list of budgets")
     e.add_argument("--layers", default=None, help="comparison: comma list of K")
-    e.add_argument("--style", default=None, choices=["qwen2_5_vl", "qwen2_vl"],
+    e.add_argument("--style", default=None, choices=list(SUPPORTED_MODEL_TYPES),
                    help="prompt and answer format (default: the model's family)")
     e.add_argument("--prompt-template", default=None,
                    help="grounding: prompt with {ref}; multiple choice / yes-no: with {prompt} (the built prompt) "
@@ -630,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and task, see README)")
     e.add_argument("--max-pixels", type=_positive, default=None,
                    help="... and at most this many (default: the authors')")
+    e.add_argument("--max-tiles", type=_positive, default=None,
+                   help="InternVL: tiles per image at most (default: 6, the authors' setting)")
     e.add_argument("--out", required=True, help="output directory (resumed if it holds predictions)")
     e.add_argument("--batch-size", type=_positive, default=1,
                    help="samples answered together (left-padded; each answer equals its batch-of-one answer); "

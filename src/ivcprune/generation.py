@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .inputs import build_batch_inputs, user_message
+from .inputs import prepare_batch, user_message
 
 T = TypeVar("T")
 
@@ -70,6 +70,7 @@ class Request:
     videos: Sequence[Any] = ()
     min_pixels: int | None = None
     max_pixels: int | None = None
+    max_tiles: int | None = None  # InternVL: tiles per image at most (default: the processor's limit)
     system_prompt: str | None = None
     history: Sequence[dict[str, Any]] = ()
 
@@ -184,12 +185,13 @@ class Generation:
     text: str
     tokens: list[int]  # new tokens, up to and including the end-of-sequence token
     report: Any  # PruneReport of the row (None unpruned)
-    seen: list[Any]  # the row's images as the model saw them (resized)
+    seen: list[Any]  # the row's images as the model saw them (resized; InternVL: the originals, tiled)
     grids: list[list[int]]  # (t, h, w) patch grid of each of the row's images
     prompt_ids: torch.Tensor  # the row's prompt tokens, padding removed
     kv_tokens: int  # prompt tokens in the row's KV cache after prefill (kept ones when pruned)
     kv_bytes: int  # their bytes over all layers
     timing: Timing = field(repr=False)
+    views: list[Any] = field(default_factory=list, repr=False)  # per image: original pixels -> seen pixels
 
     @property
     def prefill_s(self) -> float:
@@ -206,9 +208,14 @@ def generate_batch(model, processor, requests: Sequence[Request], method=None, *
     The text is decoded with ``decode_kwargs`` (default: special tokens skipped)."""
     if not requests:
         return []
+    tiles = {r.max_tiles for r in requests}
+    if len(tiles) > 1:
+        raise ValueError(f"requests of one batch need one max_tiles, got {sorted(tiles, key=str)}")
     patch = model.config.vision_config.patch_size
-    inputs, seen = build_batch_inputs(processor, [r.messages() for r in requests], image_patch_size=patch)
-    inputs = inputs.to(next(model.parameters()).device)
+    prepared = prepare_batch(processor, [r.messages() for r in requests], image_patch_size=patch,
+                             model_type=model.config.model_type, max_tiles=tiles.pop())
+    seen, views = prepared.seen, prepared.views
+    inputs = prepared.inputs.to(next(model.parameters()).device)
     out = generate_inputs(model, inputs, method, clock=clock, max_new_tokens=max_new_tokens, do_sample=do_sample,
                           **generate_kwargs)
     grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []
@@ -221,7 +228,7 @@ def generate_batch(model, processor, requests: Sequence[Request], method=None, *
         rows.append(Generation(text=processor.decode(tokens, **decode), tokens=tokens, report=out.reports[b],
                                seen=seen[b], grids=grids[first:first + n_images], prompt_ids=out.prompt_ids(b),
                                kv_tokens=kv_tokens, kv_bytes=round(out.kv_slot_bytes * kv_tokens),
-                               timing=out.timing))
+                               timing=out.timing, views=views[b]))
         first += n_images
     return rows
 

@@ -1,4 +1,4 @@
-"""Chat messages -> model inputs, the way Qwen-VL models expect them (qwen-vl-utils + the processor)."""
+"""Chat messages -> model inputs, the way each model family takes them (:mod:`ivcprune.media`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .media import media_for
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def user_message(prompt: str, images=(), videos=(), *, min_pixels: int | None = None,
                  max_pixels: int | None = None) -> list[dict[str, Any]]:
-    """One user turn: the images / videos first, then the prompt (Qwen-VL's usual layout)."""
+    """One user turn: the images / videos first, then the prompt (Qwen-VL's usual layout); the pixel bounds
+    apply to Qwen-VL models (qwen-vl-utils), other families' processors size images themselves."""
     content: list[dict[str, Any]] = []
     for img in images:
         item: dict[str, Any] = {"type": "image", "image": as_rgb(img)}
@@ -31,41 +34,34 @@ def user_message(prompt: str, images=(), videos=(), *, min_pixels: int | None = 
     return [{"role": "user", "content": content}]
 
 
-def build_inputs(processor, messages: list[dict[str, Any]], *, image_patch_size: int = 14):
-    """``(inputs, images)``: processor outputs (batch of one, ``return_tensors="pt"``) and the resized
-    PIL images the model sees (what a visualisation should draw on): qwen-vl-utils resizes them, and
-    where the processor's own pixel bounds resize them again, they are brought to its patch grid."""
-    inputs, seen = build_batch_inputs(processor, [messages], image_patch_size=image_patch_size)
+def build_inputs(processor, messages: list[dict[str, Any]], *, image_patch_size: int = 14,
+                 model_type: str | None = None, max_tiles: int | None = None):
+    """``(inputs, images)``: processor outputs (batch of one, ``return_tensors="pt"``) and the PIL images as
+    the model sees them (what a visualisation should draw on), built the way the model's family takes images
+    (:mod:`ivcprune.media`: Qwen-VL's resized by qwen-vl-utils, LLaVA's and InternVL's by their processor)."""
+    inputs, seen = build_batch_inputs(processor, [messages], image_patch_size=image_patch_size,
+                                      model_type=model_type, max_tiles=max_tiles)
     return inputs, seen[0]
 
 
 def build_batch_inputs(processor, conversations: list[list[dict[str, Any]]], *, image_patch_size: int = 14,
-                       padding_side: str = "left"):
+                       padding_side: str = "left", model_type: str | None = None, max_tiles: int | None = None):
     """``(inputs, seen)`` for several conversations, one batch row each, padded on ``padding_side`` (left:
-    what batched generation needs): the processor's outputs (``return_tensors="pt"``) and, per row, the
-    resized PIL images the model sees (see :func:`build_inputs`). Rows may differ in image sizes and
-    counts, or have no image."""
-    from qwen_vl_utils import process_vision_info
+    what batched generation needs): the processor's outputs (``return_tensors="pt"``) and, per row, the PIL
+    images as the model sees them (see :func:`build_inputs`). Rows may differ in image sizes and counts, or
+    have no image. ``model_type`` picks the family's input building (default: from the processor's class);
+    ``max_tiles`` caps InternVL's tiles per image (default: the processor's own limit)."""
+    prepared = prepare_batch(processor, conversations, image_patch_size=image_patch_size, padding_side=padding_side,
+                             model_type=model_type, max_tiles=max_tiles)
+    return prepared.inputs, prepared.seen
 
-    texts, images, videos, counts = [], [], [], []
-    for messages in conversations:
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        ims, vids = process_vision_info(messages, image_patch_size=image_patch_size)
-        images += ims or []
-        videos += vids or []
-        counts.append(len(ims or []))
-    inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
-                       padding_side=padding_side, return_tensors="pt")
-    grids = inputs.get("image_grid_thw")
-    if images and grids is not None:
-        patch = processor.image_processor.patch_size
-        sizes = [(int(g[2]) * patch, int(g[1]) * patch) for g in grids]
-        images = [im if im.size == size else im.resize(size) for im, size in zip(images, sizes)]
-    seen, first = [], 0
-    for n in counts:
-        seen.append(images[first:first + n])
-        first += n
-    return inputs, seen
+
+def prepare_batch(processor, conversations: list[list[dict[str, Any]]], *, image_patch_size: int = 14,
+                  padding_side: str = "left", model_type: str | None = None, max_tiles: int | None = None):
+    """:func:`build_batch_inputs` with the views too: a :class:`ivcprune.media.Prepared` (``inputs``, per row
+    ``seen`` images and their ``views``: where an original image's pixels land on its seen image)."""
+    return media_for(model_type, processor).prepare(processor, conversations, image_patch_size=image_patch_size,
+                                                    padding_side=padding_side, max_tiles=max_tiles)
 
 
 def stack_inputs(rows: list[dict[str, Any]]) -> dict[str, Any]:

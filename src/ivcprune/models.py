@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, family_class, random_spec
-from .tiny import TOKEN_IDS, build_processor
+from .tiny import TOKEN_IDS, processor_for_config
 
 # The embedded grounding model (trained by `ivcprune train-toy`), shipped inside the package.
 TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy-grounding"
@@ -60,7 +60,8 @@ def random_model(
 
 def tiny_model(name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02, overrides=None,
                attn_implementation: str = "sdpa"):
-    """A tiny random-weight Qwen-VL model whose token ids match :func:`build_tokenizer`."""
+    """A tiny random-weight model (``name``: a ``tiny-*`` config of any family) whose token ids match
+    :func:`ivcprune.tiny.build_tokenizer`."""
     cfg = random_config(name, overrides, attn_implementation)
     text = cfg.get_text_config()
     cfg.initializer_range = text.initializer_range = cfg.vision_config.initializer_range = init_std
@@ -70,15 +71,16 @@ def tiny_model(name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float 
 
 
 def save_tiny_checkpoint(path: str | Path, name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02,
-                         overrides=None) -> Path:
-    """Write a tiny random-weight checkpoint with its processor to ``path``; returns the path."""
+                         overrides=None, processor_kwargs: dict[str, Any] | None = None) -> Path:
+    """Write a tiny random-weight checkpoint (``name``: a ``tiny-*`` config of any family) with its family's
+    processor (:func:`ivcprune.tiny.processor_for_config`, given ``processor_kwargs``) to ``path``."""
     path = Path(path)
     model = tiny_model(name, seed=seed, init_std=init_std, overrides=overrides)
     model.generation_config.eos_token_id = TOKEN_IDS["eos_token_id"]
     model.generation_config.pad_token_id = TOKEN_IDS["pad_token_id"]
     model.generation_config.bos_token_id = TOKEN_IDS["bos_token_id"]
     model.save_pretrained(path)
-    build_processor(model.config.model_type).save_pretrained(path)
+    processor_for_config(model.config, **(processor_kwargs or {})).save_pretrained(path)
     return path
 
 

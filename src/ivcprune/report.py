@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 
-# Kinds of kept tokens, in the order used for colouring (first match wins).
-GROUPS = ("ivc_cos", "ivc_sin", "seed", "foreground", "random")
+from .tiles import TileLayout
+
+# Kinds of kept tokens, in the order used for colouring (first match wins); ``tile_foreground`` (thumbnail
+# foreground mapped onto the tiles) and ``fill`` (the budget's remainder) come from InternVL's tile scheme.
+GROUPS = ("ivc_cos", "ivc_sin", "seed", "foreground", "tile_foreground", "fill", "random")
 
 
 @dataclass
@@ -22,6 +25,7 @@ class SpanReport:
     kept: int  # visual tokens that exist from layer K on
     groups: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> prompt positions
     grid: tuple[int, int, int] | None = None  # (t, h, w) token grid after merging, when known
+    tiles: TileLayout | None = None  # a tiled image (InternVL): rows x cols tiles of side x side, then a thumbnail
 
     def positions(self, group: str) -> torch.Tensor:
         return self.groups.get(group, torch.zeros(0, dtype=torch.long))
@@ -70,6 +74,8 @@ class SpanReport:
             "kept": self.kept,
             "kept_ratio": round(self.kept_ratio, 6),
             "grid": list(self.grid) if self.grid else None,
+            "tiles": ({"rows": self.tiles.rows, "cols": self.tiles.cols, "side": self.tiles.side}
+                      if self.tiles else None),
             "groups": {k: v.tolist() for k, v in self.groups.items()},
         }
 

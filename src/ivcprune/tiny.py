@@ -1,5 +1,6 @@
-"""A small fast tokenizer with Qwen-VL's special tokens and chat format, and a real Qwen-VL processor
-around it (tiny checkpoints with random weights are :func:`ivcprune.models.save_tiny_checkpoint`'s).
+"""A small fast tokenizer with Qwen-VL's special tokens and chat format, and real processors around it
+(tiny checkpoints with random weights are :func:`ivcprune.models.save_tiny_checkpoint`'s): Qwen-VL's, and
+LLaVA-1.5's and InternVL's with their own spellings of the same token ids (:func:`processor_for_config`).
 
 Everything here is built locally, so tests, benchmarks and demos run offline:
 ``AutoProcessor.from_pretrained(dir)`` loads the result exactly as it loads a downloaded checkpoint's.
@@ -61,8 +62,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(merges: list[tuple[str, str]] | None = None, vocab_extra: dict[str, int] | None = None):
-    """Byte-level BPE tokenizer (256 byte tokens, optional merges) plus Qwen-VL's special tokens."""
+def build_tokenizer(merges: list[tuple[str, str]] | None = None, vocab_extra: dict[str, int] | None = None, *,
+                    renamed: dict[str, str] | None = None, chat_template: str = CHAT_TEMPLATE, **named_tokens):
+    """Byte-level BPE tokenizer (256 byte tokens, optional merges) plus Qwen-VL's special tokens.
+
+    ``renamed`` spells some special tokens another family's way at the same ids (``{"<|image_pad|>":
+    "<image>"}``); ``named_tokens`` become tokenizer attributes (``start_image_token="<img>"`` gives
+    ``tokenizer.start_image_token`` and ``tokenizer.start_image_token_id``), as real checkpoints declare them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,7 +81,8 @@ def build_tokenizer(merges: list[tuple[str, str]] | None = None, vocab_extra: di
     core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges or [])))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    specials = [(renamed or {}).get(t, t) for t in SPECIAL_TOKENS]
+    core.add_special_tokens(specials)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=None,
@@ -83,9 +90,11 @@ def build_tokenizer(merges: list[tuple[str, str]] | None = None, vocab_extra: di
         pad_token="<|endoftext|>",
         unk_token=None,
         model_max_length=32768,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
+        extra_special_tokens=named_tokens or None,
     )
-    assert tok.convert_tokens_to_ids("<|image_pad|>") == TOKEN_IDS["image_token_id"]
+    image = (renamed or {}).get("<|image_pad|>", "<|image_pad|>")
+    assert tok.convert_tokens_to_ids(image) == TOKEN_IDS["image_token_id"]
     return tok
 
 
@@ -104,3 +113,92 @@ def build_processor(model_type: str = "qwen2_5_vl", *, min_pixels: int = 4 * 28 
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+# LLaVA-1.5's chat format as llava-hf's checkpoints write it: "USER: <image>\n{text} ASSISTANT:", a system turn
+# as plain text before it, earlier answers as "ASSISTANT: {answer} ".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'] | upper }}: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }} {% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# InternVL's chat format as the -hf checkpoints write it: Qwen-style turns without a default system turn, an
+# image as <IMG_CONTEXT> (the processor expands it to <img> + tiles + </img>), a video as <video>.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_llava_processor(image_size: int = 336, patch_size: int = 14, *,
+                          vision_feature_select_strategy: str = "default", do_pad: bool = False):
+    """LLaVA-1.5's processor as llava-hf configures it for its 1.5 checkpoints: CLIP normalisation, the short
+    side resized to ``image_size`` (bicubic) and the centre cropped to a square (``do_pad=True``: padded to a
+    square with the mean colour first, as the original LLaVA-1.5 code does); ``<image>`` expanded to
+    ``(image_size / patch_size)²`` tokens (the CLS token dropped by the ``default`` feature selection)."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    tokenizer = build_tokenizer(renamed={"<|image_pad|>": "<image>"}, chat_template=LLAVA_CHAT_TEMPLATE,
+                                image_token="<image>")
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_pad=do_pad, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy=vision_feature_select_strategy,
+                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+INTERNVL_NAMES = {"<|vision_start|>": "<img>", "<|vision_end|>": "</img>", "<|image_pad|>": "<IMG_CONTEXT>",
+                  "<|video_pad|>": "<video>"}
+
+
+def build_internvl_processor(tile_size: int = 448, image_seq_length: int = 256, *, max_patches: int = 12):
+    """InternVL's processor as the -hf checkpoints configure it: ImageNet normalisation, images cut into
+    ``tile_size`` tiles (1 to ``max_patches``, the grid closest to the image's aspect ratio) plus a thumbnail,
+    ``image_seq_length`` tokens per tile between ``<img>`` and ``</img>``; the tokenizer spells the tiny
+    tokenizer's vision ids ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    tokenizer = build_tokenizer(renamed=INTERNVL_NAMES, chat_template=INTERNVL_CHAT_TEMPLATE,
+                                start_image_token="<img>", end_image_token="</img>",
+                                context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    size = {"height": tile_size, "width": tile_size}
+    image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=max_patches,
+                                            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), resample=3)
+    video_processor = InternVLVideoProcessor(size=size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                             image_seq_length=image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE)
+
+
+def processor_for_config(config, **kwargs):
+    """The tiny processor that fits a tiny model's config (its family, tower size and tokens per image)."""
+    model_type = config.model_type
+    vc = config.vision_config
+    if model_type == "llava":
+        return build_llava_processor(vc.image_size, vc.patch_size,
+                                     vision_feature_select_strategy=config.vision_feature_select_strategy, **kwargs)
+    if model_type == "internvl":
+        return build_internvl_processor(vc.image_size[0], config.image_seq_length, **kwargs)
+    return build_processor(model_type, **kwargs)

@@ -11,11 +11,18 @@ from .metrics import grounding_metrics, read_records
 
 
 def to_original(box, style: str, resized_wh: tuple[int, int], original_wh: tuple[int, int]):
-    """A box in the answer frame of family ``style`` (a model type) -> original image pixels."""
+    """A box in the answer frame of family ``style`` (a model type) -> original image pixels. Frames
+    (``box_frame``): ``pixels`` of the resized image (``resized_wh``), ``1000`` (0-1000 of the original image),
+    ``square1`` (0-1 of the original image padded to a centred square of side max(W, H): LLaVA-1.5's)."""
     if box is None:
         return None
     W, H = original_wh
-    if family_class(style).box_frame == "1000":
+    frame = family_class(style).box_frame
+    if frame == "square1":
+        side = max(W, H)
+        dx, dy = (side - W) / 2.0, (side - H) / 2.0
+        return (box[0] * side - dx, box[1] * side - dy, box[2] * side - dx, box[3] * side - dy)
+    if frame == "1000":
         sx, sy = W / 1000.0, H / 1000.0
     else:
         sx, sy = W / resized_wh[0], H / resized_wh[1]
@@ -28,12 +35,22 @@ def authors_to_original(box, style: str, resized_wh: tuple[int, int], original_w
     taken as normalised and multiplied by the original width / height. Any other Qwen2-VL box (a coordinate
     over 1100) stays as divided, compared with pixels (a miss in practice); any other Qwen2.5-VL box is in
     pixels (of the resized image, mapped to the original here: IoU is the same in either frame). So an
-    integer Qwen2.5-VL box of 0s and 1s only is read as the whole-image fraction, as theirs is."""
+    integer Qwen2.5-VL box of 0s and 1s only is read as the whole-image fraction, as theirs is.
+
+    InternVL (``ref_box``, ``vlmeval/vlm/internvl/internvl_chat_grounding.py``): a box whose four coordinates
+    sum to 4 or more is divided by 1000, a smaller one is taken as 0-1 already; then the same rule. LLaVA
+    (``square1``): the authors evaluated no LLaVA grounding; mapped as :func:`to_original` maps it."""
     if box is None:
         return None
+    family = family_class(style)
+    if family.box_frame == "square1":
+        return to_original(box, style, resized_wh, original_wh)
     W, H = original_wh
-    frame_1000 = family_class(style).box_frame == "1000"
-    v = tuple(c / 1000.0 for c in box) if frame_1000 else tuple(box)
+    frame_1000 = family.box_frame == "1000"
+    if family.box_format == "ref_box" and sum(box) < 4:
+        v = tuple(box)
+    else:
+        v = tuple(c / 1000.0 for c in box) if frame_1000 else tuple(box)
     if all(c <= 1.1 for c in v):
         return (v[0] * W, v[1] * H, v[2] * W, v[3] * H)
     return v if frame_1000 else to_original(box, style, resized_wh, original_wh)

@@ -70,7 +70,7 @@ SYSTEMATIC_FAILURES = 3
 # run.json fields that must match when a run directory is resumed
 IDENTITY = ("model_path", "benchmark", "source", "task", "method", "budget", "layer", "config", "prompt", "pixels",
             "dtype", "attn_implementation", "seed", "split", "refs", "gt_frame", "boxes", "judge_model",
-            "answers")
+            "answers", "max_tiles")
 CAP = 50  # skipped rows and failures listed in metrics.json (their counts are exact)
 
 

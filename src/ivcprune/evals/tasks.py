@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..families import FAMILIES, Family
 from ..generation import Request, generate_batch
+from ..media import ImageView
 from ..methods import PruningMethod
 from .answers import DEFAULT_MODE, predictions
 from .benchmarks import Sample
@@ -60,18 +61,21 @@ class Generated:
     prefill_s: float
     report: Any
     grid: list[int]  # (t, h, w) patches of the first image
-    seen: list[Any]  # the images as the model saw them (resized)
+    seen: list[Any]  # the images as the model saw them (resized; InternVL: the originals, tiled)
+    views: list[Any] = field(default_factory=list)  # per image: original pixels -> seen pixels (ivcprune.media)
 
 
 def generate_answers(model, processor, prompts: Sequence[tuple[Sequence[Any], str]], method: PruningMethod | None,
-                     *, max_new_tokens: int, pixels: tuple[int | None, int | None] = (None, None)) -> list[Generated]:
+                     *, max_new_tokens: int, pixels: tuple[int | None, int | None] = (None, None),
+                     max_tiles: int | None = None) -> list[Generated]:
     """Greedy answers to ``prompts`` (``(images, text)`` pairs, images resized within ``pixels`` = min,
-    max) under ``method``, in one batch (:func:`ivcprune.generation.generate_batch`): each answer is the
-    one its prompt gets alone."""
-    requests = [Request(images, prompt, min_pixels=pixels[0], max_pixels=pixels[1]) for images, prompt in prompts]
+    max, Qwen-VL; at most ``max_tiles`` tiles each, InternVL) under ``method``, in one batch
+    (:func:`ivcprune.generation.generate_batch`): each answer is the one its prompt gets alone."""
+    requests = [Request(images, prompt, min_pixels=pixels[0], max_pixels=pixels[1], max_tiles=max_tiles)
+                for images, prompt in prompts]
     rows = generate_batch(model, processor, requests, method, max_new_tokens=max_new_tokens)
     return [Generated(text=r.text, prefill_s=0.0 if math.isnan(r.prefill_s) else r.prefill_s, report=r.report,
-                      grid=r.grids[0] if r.grids else [0, 0, 0], seen=r.seen) for r in rows]
+                      grid=r.grids[0] if r.grids else [0, 0, 0], seen=r.seen, views=r.views) for r in rows]
 
 
 def generate_answer(model, processor, images, prompt: str, method: PruningMethod | None, *,
@@ -97,27 +101,28 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
     from ..viz import prediction_picture
 
     rep = gen.report
-    if rep is None or not rep.spans or rep.spans[0].grid is None or not gen.seen:
+    if rep is None or not rep.spans or (rep.spans[0].grid is None and rep.spans[0].tiles is None) or not gen.seen:
         return False
     span, seen = rep.spans[0], gen.seen[0]
-    vc = model.config.vision_config
-    cell = vc.patch_size * vc.spatial_merge_size
+    view = gen.views[0] if gen.views else None
     boxes = []
-    if sample.task == "grounding":
+    if sample.task == "grounding":  # boxes in original pixels, drawn where they land on the image as seen
         ow, oh = sample.images[0].size
-        sx, sy = seen.width / ow, seen.height / oh
+        if view is None:
+            view = ImageView((ow, oh), seen.size, (seen.width / ow, seen.height / oh))
         for key, color, label in (("gt", (0, 170, 0), "truth"), ("box", (220, 0, 200), "answer")):
             b = rec.get(key)
-            boxes.append((None if b is None else (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), color, label))
+            boxes.append((view.box(b), color, label))
         verdict = f"IoU {rec['iou']:.2f}"
     else:
         verdict = f"answer {rec['pred'] or '?'}, truth {rec['gt']}: {'right' if rec['correct'] else 'wrong'}"
     width = max(20, seen.width // 6 - len(verdict) - 4)  # the default font is about 6 px a character
     question = " ".join(sample.question.split())
     question = question if len(question) <= width else question[: width - 3] + "..."
-    pic = prediction_picture(seen, span, cell, boxes,
+    pic = prediction_picture(seen, span, None, boxes,
                              (f"{question}  {verdict}",
-                              f"kept {span.kept}/{span.length} visual tokens at layer {rep.layer}"))
+                              f"kept {span.kept}/{span.length} visual tokens at layer {rep.layer}"),
+                             tiles=view.tiles if view is not None else None)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pic.save(path)
     return True
@@ -140,17 +145,20 @@ DEFAULT_MAX_NEW_TOKENS = {"grounding": 64, "mcq": 32, "yesno": 16}
 def predict_samples(model, processor, samples: Sequence[Sample], method: PruningMethod | None, *, family: str,
                     max_new_tokens: int | None = None, prompt_template: str | None = None,
                     pixels: tuple[int | None, int | None] = (None, None), pictures: Sequence[Any] | None = None,
-                    boxes: str = "authors", answers: str = DEFAULT_MODE) -> list[dict[str, Any]]:
+                    boxes: str = "authors", answers: str = DEFAULT_MODE, max_tiles: int | None = None
+                    ) -> list[dict[str, Any]]:
     """:func:`predict_sample` for several samples, answered in batches (one per answer length); every
     record equals the one its sample gets alone (timings aside). ``pictures``: a path or ``None`` per
-    sample; ``answers``: the answer-reading mode (:mod:`ivcprune.evals.answers`)."""
+    sample; ``answers``: the answer-reading mode (:mod:`ivcprune.evals.answers`); ``max_tiles``: InternVL's
+    tiles per image at most."""
+    tiles = {} if max_tiles is None else {"max_tiles": max_tiles}  # (only tiled models take the argument)
     prompts = [sample_prompt(s, family, prompt_template) for s in samples]
     limits = [max_new_tokens or DEFAULT_MAX_NEW_TOKENS[s.task] for s in samples]
     gens: list[Generated | None] = [None] * len(samples)
     for limit in dict.fromkeys(limits):
         rows = [i for i, n in enumerate(limits) if n == limit]
         outs = generate_answers(model, processor, [(samples[i].images, prompts[i]) for i in rows], method,
-                                max_new_tokens=limit, pixels=pixels)
+                                max_new_tokens=limit, pixels=pixels, **tiles)
         for i, gen in zip(rows, outs, strict=True):
             gens[i] = gen
     records = []
@@ -185,8 +193,11 @@ def sample_record(model, sample: Sample, gen: Generated, family: str, boxes: str
     ``pred_lenient`` under each mode, ``answers`` and, for multiple choice, the ``options`` (so that
     ``score`` can read the raw ``answer`` again)."""
     if sample.task == "grounding":
-        patch = model.config.vision_config.patch_size
-        resized = (gen.grid[2] * patch, gen.grid[1] * patch)
+        if gen.views:  # the size of the image as seen (Qwen-VL: the resized image, whose pixels its boxes use)
+            resized = tuple(gen.views[0].seen_size)
+        else:
+            patch = model.config.vision_config.patch_size
+            resized = (gen.grid[2] * patch, gen.grid[1] * patch)
         rec = grounding_record(sample.id, sample.question, gen.text, sample.answer, family, resized,
                                sample.images[0].size, kind=sample.meta.get("kind"), parser=boxes)
         return {**rec, **_visual_fields(gen)}

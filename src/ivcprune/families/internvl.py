@@ -122,12 +122,14 @@ class InternVL(Rope1DFamily):
         return question.rstrip() + " Answer the question using a single word or phrase."
 
     @classmethod
-    def tiling(cls, image_size: tuple[int, int], min_tiles: int = 1, max_tiles: int | None = None) -> tuple[int, int]:
-        """``(rows, cols)`` of tiles the processor chooses for an image of ``(width, height)`` pixels."""
+    def tiling(cls, image_size: tuple[int, int], min_tiles: int = 1, max_tiles: int | None = None, *,
+               tile_size: int = 448) -> tuple[int, int]:
+        """``(rows, cols)`` of tiles the processor chooses for an image of ``(width, height)`` pixels, with tiles
+        of ``tile_size`` pixels (the tile size breaks ties between grids of equally close aspect ratios)."""
         from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
         w, h = image_size
-        cols, rows = get_optimal_tiled_canvas((h, w), (448, 448), min_tiles, max_tiles or cls.max_tiles)
+        cols, rows = get_optimal_tiled_canvas((h, w), (tile_size, tile_size), min_tiles, max_tiles or cls.max_tiles)
         return rows, cols
 
     def __init__(self, model: nn.Module):

@@ -1,5 +1,5 @@
-"""lmms-eval model ``ivcprune``: any lmms-eval task on a Qwen2-VL / Qwen2.5-VL checkpoint, with its
-visual tokens pruned.
+"""lmms-eval model ``ivcprune``: any lmms-eval task on a checkpoint of a supported family (Qwen2-VL,
+Qwen2.5-VL, LLaVA-1.5, InternVL), with its visual tokens pruned.
 
     lmms-eval --model ivcprune \\
         --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,method=ivc,budget=0.5 \\
@@ -18,7 +18,9 @@ Model arguments (``--model_args``, comma-separated ``key=value``):
   ``seed``: the random baseline's seed;
 - ``dtype`` (``auto``, ``bf16``, ``fp16``, ``fp32``), ``attn_implementation``, ``device_map`` (else
   lmms-eval's ``--device``, else ``auto`` where CUDA is available and the CPU elsewhere);
-- ``min_pixels``, ``max_pixels``: bounds of the image resizing (qwen-vl-utils' defaults where left out);
+- ``min_pixels``, ``max_pixels``: bounds of the image resizing of Qwen-VL models (qwen-vl-utils' defaults
+  where left out); ``max_tiles``: InternVL's tiles per image at most (the processor's ``max_patches`` where left
+  out); LLaVA's processor sizes images itself;
 - ``max_new_tokens``: used when a task sets none (256); ``system_prompt``: a system turn, or a file
   holding it (the chat template's default otherwise);
 - ``prune_log``: a JSONL file to which one line per request is appended (task, doc id, visual tokens kept).
@@ -31,7 +33,7 @@ its request gets with batch size 1 (greedy decoding; sampling draws differ with 
 request at a time whatever the batch size. (lmms-eval 0.7.3 itself turns every model's
 loglikelihood results into strings before its ``multiple_choice`` / ``loglikelihood`` tasks score them,
 so those task types fail there whatever the model.) Videos (paths from ``doc_to_visual``) take
-qwen-vl-utils' default sampling and size.
+qwen-vl-utils' default sampling and size (Qwen-VL models only).
 
 Several processes (``torchrun --nproc-per-node N -m lmms_eval ...``, or ``accelerate launch``) run data
 parallel: lmms-eval gives each rank its share of the documents and gathers the results; each process
@@ -162,7 +164,7 @@ def visual_size(visuals: Any) -> tuple[int, int]:
 
 
 class IVCPruneLMM(lmms):
-    """lmms-eval model: a Qwen2-VL / Qwen2.5-VL checkpoint answering under a pruning method.
+    """lmms-eval model: a checkpoint of a supported family answering under a pruning method.
 
     After a run, :attr:`reports` holds one dict per request (``task``, ``split``, ``doc_id``,
     ``visual_tokens``, ``visual_kept``, ``kept_visual_ratio``, ...), and :attr:`mean_kept_visual_ratio`
@@ -180,6 +182,7 @@ class IVCPruneLMM(lmms):
         device_map: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        max_tiles: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         system_prompt: str | None = None,
         prune_log: str | None = None,
@@ -220,6 +223,7 @@ class IVCPruneLMM(lmms):
             self.method_config = self.method.resolve(get_adapter(self._model))  # fails early on a bad K / model
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.max_tiles = int(max_tiles) if max_tiles is not None else None
         self.max_new_tokens = int(max_new_tokens)
         self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
         self.prune_log = Path(prune_log) if prune_log else None
@@ -337,12 +341,14 @@ class IVCPruneLMM(lmms):
         images, videos = split_visuals(visuals)
         prompt = context.replace("<image>", "")  # the visuals are placed by the chat template
         return Request(images, prompt, videos=videos, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                       system_prompt=self.system_prompt)
+                       max_tiles=self.max_tiles, system_prompt=self.system_prompt)
 
     def prepare(self, context: str, visuals: Any) -> dict[str, torch.Tensor]:
         """Model inputs for one request (batch of one)."""
-        patch = self._model.config.vision_config.patch_size
-        inputs, _ = build_inputs(self.processor, self.request(context, visuals).messages(), image_patch_size=patch)
+        config = self._model.config
+        inputs, _ = build_inputs(self.processor, self.request(context, visuals).messages(),
+                                 image_patch_size=config.vision_config.patch_size, model_type=config.model_type,
+                                 max_tiles=self.max_tiles)
         return inputs.to(self._device)
 
     def answer_batch(self, prompts: Sequence[tuple[str, Any]], gen_kwargs: dict[str, Any] | None = None,
@@ -397,7 +403,8 @@ class IVCPruneLMM(lmms):
 
     def _record(self, input_ids: torch.Tensor, where: tuple[str, str, Any] | None, report) -> None:
         cfg = self._model.config
-        visual = int(((input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)).sum())
+        media_ids = [i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None]
+        visual = int(torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)).sum())
         kept = report.visual_kept if report is not None and report.spans else visual
         task, split, doc_id = where if where is not None else (None, None, None)
         entry = {

@@ -174,6 +174,16 @@ def test_batch_equals_one_by_one(family, loaded):
                 assert (span.tiles.rows, span.tiles.cols) == view.tiles
 
 
+@pytest.mark.parametrize("family", list(NAMES))
+def test_bench(family, checkpoints, capsys):
+    rc = main(["bench", "--model", str(checkpoints[family]), "--image-tokens", "64", "--repeats", "1", "--warmup", "0",
+               "--new-tokens", "3", "--layer", "2", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["seq_len"] > row["kept_len"] and row["pruned"]["prefill_s"] > 0
+    assert row["grid"] == ([8, 8] if family == "llava" else [1, 3])  # LLaVA's one size; InternVL: 3 tiles + thumbnail
+
+
 # -- eval ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
@@ -196,6 +206,7 @@ def test_eval_grounding_mcq_yesno(family, checkpoints, datasets, tmp_path, capsy
         assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
         info = json.loads((out / bench / "run.json").read_text())
         assert info["style"] == family and info["max_tiles"] == (6 if family == "internvl" else None)
+        assert info["pixels"] is None  # the processor sizes the images
         assert len(list((out / bench / "pictures").glob("*.png"))) == 1
     rec = json.loads((out / "ground" / "predictions.jsonl").read_text().splitlines()[0])
     assert rec["task"] == "grounding" and rec["gt"] == [20.0, 30.0, 150.0, 120.0]

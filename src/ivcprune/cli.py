@@ -405,6 +405,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
     from .evals.runner import NothingToScoreError, run_resumable
     from .evals.tasks import authors_pixels, predict_samples, sample_size
     from .families import family_class, get_adapter
+    from .media import media_for
     from .methods import method_label
 
     family = args.style or model.config.model_type
@@ -419,6 +420,8 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
             prompt = family_class(family).grounding_prompts()[_grounding_prompt(args)]
         lo, hi = authors_pixels(model.config, bench.task)
         pixels = (args.min_pixels or lo, args.max_pixels or hi)
+        if not media_for(model.config.model_type).pixel_bounds:  # the processor sizes images (LLaVA, InternVL)
+            pixels = (None, None)
         model_family = family_class(model.config.model_type)  # InternVL: the authors' tile limit by default
         max_tiles = args.max_tiles or getattr(model_family, "max_tiles", None)
         info = {"name": name, "model": spec, "model_path": args.model,
@@ -427,7 +430,8 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
                 "budget": resolved.get("budget") if method else None,
                 "layer": resolved.get("layer") if method else None, "config": resolved, "style": family,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                "seed": args.seed if bench.source == "synthetic" else None, "pixels": list(pixels),
+                "seed": args.seed if bench.source == "synthetic" else None,
+                "pixels": list(pixels) if pixels[0] is not None else None,
                 "max_tiles": max_tiles,
                 "refs": args.refs, "gt_frame": args.gt_frame, "boxes": _boxes(args), "answers": args.answers,
                 "grounding_prompt": _grounding_prompt(args) if args.prompt_template is None else "template",

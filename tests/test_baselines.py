@@ -11,7 +11,8 @@ import contextlib
 import pytest
 import torch
 
-from ivcprune import FastV, PDrop, get_adapter, make_method
+from ivcprune import FastV, PDrop, UnsupportedModelError, get_adapter, make_method
+from ivcprune.merging import visionzip_select
 from ivcprune.methods.pdrop import default_stages
 
 from conftest import FAMILIES, make_inputs, make_model
@@ -132,3 +133,61 @@ def test_fastv_plus_ivc_fills_with_fastv_ranking():
     row = _last_row(eager, inputs, 1)
     rest = [p for p in range(s.start, s.start + s.length) if p not in ivc]
     assert set(s.groups["fastv+ivc"].tolist()) == _top(row, rest, s.kept - len(ivc))
+
+
+def test_visionzip_matches_clip_attention_and_the_masked_reference():
+    sdpa, eager = make_model("llava", attn="sdpa"), make_model("llava", attn="eager")
+    inputs = make_inputs(sdpa, media=(("image", 1, 8, 8), ("image", 1, 8, 8)), text_after=7, seed=3)
+    method = make_method("visionzip", budget=0.25)
+    with torch.no_grad(), method(sdpa):
+        logits = sdpa(**inputs).logits[0]
+        out = sdpa.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+    rep = method.last_report
+    # the CLS row of CLIP's -2 layer, as eager attention materialises it, heads summed
+    with torch.no_grad():
+        vt = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    layer = len(eager.model.vision_tower.encoder.layers) - 2
+    cls = vt.attentions[layer][:, :, 0, 1:].sum(1)  # (images, 64)
+    features = vt.hidden_states[-2][:, 1:]
+    keys = []
+
+    def grab(module, args, kwargs):
+        keys.append(module.k_proj(kwargs["hidden_states"])[:, 1:])
+
+    h = eager.model.vision_tower.encoder.layers[layer].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        eager.model.vision_tower(inputs["pixel_values"])
+    h.remove()
+    heads = eager.config.vision_config.num_attention_heads
+    picks = []
+    for i, s in enumerate(rep.spans):
+        dominant = set(torch.sort(cls[i], descending=True, stable=True).indices[:14].tolist())
+        assert set((s.groups["dominant"] - s.start).tolist()) == dominant
+        k = keys[0][i].view(64, heads, -1).transpose(0, 1)
+        picks.append(visionzip_select(cls[i], k, features[i], 14, 2))
+        assert set((s.groups["contextual"] - s.start).tolist()) == set(picks[-1].targets.tolist())
+
+    def merged(module, args):  # the reference: the same merge before the projector, nothing cut
+        f = args[0].clone()
+        for i, p in enumerate(picks):
+            f[i, p.targets] = p.merged
+        return (f,)
+
+    h = sdpa.model.multi_modal_projector.register_forward_pre_hook(merged)
+    try:
+        with torch.no_grad(), masked_stages(sdpa, [(0, rep.kept)]):
+            ref_logits = sdpa(**inputs).logits[0]
+            ref = sdpa.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    finally:
+        h.remove()
+    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_visionzip_refuses_towers_without_a_cls_token(family):
+    with pytest.raises(UnsupportedModelError, match="CLS"):
+        make_method("visionzip")(make_model(family))

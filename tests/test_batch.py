@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from ivcprune import IVCPrune, RandomPrune
+from ivcprune import IVCPrune, RandomPrune, UnsupportedModelError, get_adapter
 from ivcprune.methods import REGISTRY, make_method
 
 from conftest import FAMILIES, batch_inputs, make_inputs, make_model, mixed_rows
@@ -28,9 +28,17 @@ def _generate(model, inputs, n=N_NEW, **kw):
                           return_dict_in_generate=True, **kw)
 
 
-def _method(name: str):
-    # a budget that prunes under every rule (the union rule ignores it and sizes itself)
-    return make_method(name, layer=2, budget=0.4)
+def _method(name: str, model=None):
+    """``name`` at K=2 (before the LLM for methods that act there) with a budget that prunes under every rule
+    (the union rule ignores it and sizes itself); a family the method refuses is skipped, with its message."""
+    pre_llm = REGISTRY[name].cls.min_layer == 0
+    method = make_method(name, budget=0.4, **({} if pre_llm else {"layer": 2}))
+    if model is not None:
+        try:
+            method.resolve(get_adapter(model))
+        except UnsupportedModelError as e:
+            pytest.skip(f"{name} refuses {model.config.model_type}: {e}")
+    return method
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def test_each_row_of_a_batch_equals_the_row_alone(models, family, attn, name):
     model = models[(family, attn)]
     rows = mixed_rows(model)
     batch = batch_inputs(rows)
-    method = _method(name)
+    method = _method(name, model)
     with torch.no_grad(), method(model):
         out = _generate(model, batch)
         reports = method.last_reports

@@ -37,7 +37,7 @@ def test_bad_knobs():
     with pytest.raises(ValueError, match="budget_tokens"):
         IVCPrune(budget_tokens=0)
     with pytest.raises(ValueError, match="unknown method"):
-        make_method("fastv")
+        make_method("fast-v")
 
 
 @pytest.mark.parametrize("layer", [0, -3])

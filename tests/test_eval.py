@@ -55,7 +55,7 @@ def test_grid_and_methods():
     assert make_method("no_ivc", budget=0.5, layer=2).ablation == "no_ivc"
     assert make_method("random", budget=0.5, layer=2, seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown method"):
-        make_method("fastv", budget=0.5, layer=2)
+        make_method("fast-v", budget=0.5, layer=2)
     with pytest.raises(ValueError, match="fixes ablation"):
         make_method("no_ivc", ablation="ivc_only")
     md = comparison_markdown([

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import Rope1DFamily, Span, letter_mcq_prompt, override_spec, token_runs
+from .base import Rope1DFamily, Span, UnsupportedModelError, letter_mcq_prompt, override_spec, token_runs
 
 # CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower; features of its second-to-last layer, CLS dropped: 576 tokens)
 _CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -98,6 +98,19 @@ class Llava(Rope1DFamily):
         self.side = self.grid_side(self.config)
         if self.config.vision_feature_select_strategy != "default":
             self.side = None  # CLS token kept: not a square grid
+
+    def cls_attention_parts(self) -> tuple[nn.Module, nn.Module]:
+        """CLIP's layer that produces the image features (``vision_feature_layer``, -2: the second to last) and
+        the multimodal projector. Needs the default strategy (CLS dropped after the attention)."""
+        if self.side is None:
+            raise UnsupportedModelError("vision_feature_select_strategy='full' keeps CLS among the image tokens")
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise UnsupportedModelError("several vision feature layers: no single CLS attention")
+        tower = self.entry.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 flattens CLIPVisionModel
+        index = layer + len(layers) if layer < 0 else layer - 1  # hidden_states[i] is layer i-1's output
+        return layers[index].self_attn, self.entry.multi_modal_projector
 
     def find_spans(self, input_ids: torch.Tensor, grids: dict[str, list]) -> list[Span]:
         spans: list[Span] = []

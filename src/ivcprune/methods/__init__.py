@@ -15,6 +15,7 @@ from .fastv import FastV
 from .ivc import IVCPrune, Preset, preset_for
 from .pdrop import PDrop
 from .random import RandomPrune
+from .visionzip import VisionZip
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ FastVWithIVC = with_ivc(FastV)
 PDropWithIVC = with_ivc(PDrop)
 register("fastv+ivc", FastVWithIVC)
 register("pdrop+ivc", PDropWithIVC)
+register("visionzip", VisionZip)
 
 
 def method_names(*, with_none: bool = True) -> tuple[str, ...]:
@@ -77,5 +79,5 @@ def make_method(name: str, **knobs: Any) -> PruningMethod | None:
 
 
 __all__ = ["PruningMethod", "RankedMethod", "IVCPrune", "RandomPrune", "FastV", "PDrop", "FastVWithIVC",
-           "PDropWithIVC", "with_ivc", "Preset", "preset_for", "paper_layer", "REGISTRY",
+           "PDropWithIVC", "VisionZip", "with_ivc", "Preset", "preset_for", "paper_layer", "REGISTRY",
            "MethodEntry", "register", "make_method", "method_names", "method_label", "knob_fields"]

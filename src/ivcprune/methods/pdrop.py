@@ -28,9 +28,9 @@ class PDrop(RankedMethod):
     Defaults from its code (Cooperx521/PyramidDrop, LLaVA-1.5 scripts): stages 8/16/24 of 32 layers
     (quarters of the depth elsewhere), λ = 0.5, so 50% / 25% / 12.5% of each image remain. ``budget``
     (the final share) sets λ = budget^(1/stages) instead; ``layer`` moves the first stage and keeps the
-    spacing. Differences from the release: kept tokens keep their original positions (the release
-    renumbers them), every visual span is ranked on its own, and the KV cache of every layer holds only the
-    tokens kept in the end (the release keeps each stage's tokens in its layers' caches): prefill is the
+    spacing (dropping stages past the last layer). Differences from the release: kept tokens keep their
+    original positions (the release renumbers them), every visual span is ranked on its own, and the KV
+    cache of every layer holds only the tokens kept in the end (the release keeps each stage's tokens in its layers' caches): prefill is the
     release's, decoding sees fewer tokens in early layers.
     """
 
@@ -64,8 +64,9 @@ class PDrop(RankedMethod):
             stages = self._parse_layers(self.stage_layers)
         else:
             stages = default_stages(n)
-            if self.layer is not None:  # the first stage moved, the spacing kept
-                stages = tuple(s - stages[0] + self.layer for s in stages)
+            if self.layer is not None:  # the first stage moved, the spacing kept (stages past the last layer go)
+                stages = tuple(s - stages[0] + self.layer for s in stages if s - stages[0] + self.layer < n)
+                stages = stages or (self.layer,)
         if stages[-1] >= n:
             raise ValueError(f"PDrop stages {stages} are out of range for a model with {n} decoder layers")
         return stages

@@ -93,6 +93,7 @@ class SpanInput:
     tiles: TileLayout | None = None  # a tiled image's layout (tiles, thumbnail)
     alive: torch.Tensor | None = None  # local indices still in the sequence (multi-stage methods); None = all
     stage: int | None = None  # the layer this selection runs before
+    media_index: int = 0  # this span's place among all spans of the batch (rows in order, spans in prompt order)
 
     @property
     def alive_index(self) -> torch.Tensor:
@@ -243,6 +244,10 @@ class Pruner:
             self._handles.append(module.register_forward_pre_hook(_Hook(self._media_pre), with_kwargs=True))
         for idx in range(self.layer, a.num_layers):
             self._handles.append(a.layers[idx].register_forward_pre_hook(_Hook(self._layer_pre(idx)), with_kwargs=True))
+        # hooks of the method's own (e.g. on the vision tower), removed with the others
+        for module, kind, fn in (method.model_hooks(self.adapter, config) if hasattr(method, "model_hooks") else ()):
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            self._handles.append(register(_Hook(fn), with_kwargs=True))
         # captures after the cutting hooks, so that a later stage's capture sees the cut sequence
         if self.needs.attention and self.needs.attention_at not in (-1, 0):
             raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
@@ -536,7 +541,7 @@ class Pruner:
         if first:
             st.spans = self.adapter.layout_spans(st.spans, getattr(self._local, "media", None) or [])
             st.reports = []
-        keeps, changed = [], False
+        keeps, changed, media = [], False, 0
         for b, spans in enumerate(st.spans):
             t0 = time.perf_counter()
             real = st.real[b]
@@ -558,7 +563,9 @@ class Pruner:
                 span_pos = positions[:, s.start : s.start + s.length]
                 inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
-                                row=row, tiles=s.tiles, alive=None if first else span_alive, stage=idx)
+                                row=row, tiles=s.tiles, alive=None if first else span_alive, stage=idx,
+                                media_index=media)
+                media += 1
                 sel = self.method.select(inp, self.config) if span_alive.numel() else SpanSelection(span_alive)
                 if sel.note:
                     notes.append(f"{s.kind} {i}: {sel.note}")

@@ -231,6 +231,14 @@ class Family:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2)
 
+    def cls_attention_parts(self) -> tuple[nn.Module, nn.Module]:
+        """``(attention, projector)``: the self-attention module of the vision layer whose output becomes the
+        visual tokens (its input carries the CLS token at index 0) and the projector those tokens go through
+        (VisionZip reads the first and changes the second's input)."""
+        raise UnsupportedModelError(
+            f"{self.display_name}'s vision tower has no CLS token whose attention could rank its visual tokens"
+        )
+
     def split_heads(self, value_out: torch.Tensor) -> torch.Tensor:
         """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""
         B, S = value_out.shape[:2]

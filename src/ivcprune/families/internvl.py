@@ -17,7 +17,7 @@ from torch import nn
 
 from ..tiles import TileLayout, match_tiling
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import Rope1DFamily, Span, letter_mcq_prompt, override_spec, token_runs
+from .base import Rope1DFamily, Span, UnsupportedModelError, letter_mcq_prompt, override_spec, token_runs
 
 # InternViT-300M-448px (InternVL 2.5 / 3 8B): 32x32 patches of 14 px, pixel shuffle 0.5 -> 256 tokens per tile
 _INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -147,6 +147,12 @@ class InternVL(Rope1DFamily):
             single = TileLayout(1, 1, self.side) if length == n else None  # several tiles: see layout_spans
             spans.append(Span(start, length, "image", None, single))
         return spans
+
+    def cls_attention_parts(self):
+        raise UnsupportedModelError(
+            "InternVL's visual tokens each pool 2x2 vision patches (pixel shuffle): there is no CLS attention per "
+            "visual token to rank them by"
+        )
 
     def media_modules(self) -> list[nn.Module]:
         return [self.entry.vision_tower]

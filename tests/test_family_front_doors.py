@@ -139,7 +139,8 @@ def test_generate_writes_answer_report_and_picture(family, checkpoints, tmp_path
                "--method", "ivc", "--layer", "2", "--budget", "0.5", "--max-new-tokens", "4", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert (out / "answer.txt").read_text().rstrip("\n") == printed.split("\n\n")[0]
+    answer = (out / "answer.txt").read_text()[:-1]
+    assert printed.startswith(answer + "\n\n") and "visual tokens" in printed  # the answer, then the report
     report = json.loads((out / "report.json").read_text())["ivc"]["report"]
     span = report["spans"][0]
     assert report["pruned"] and report["layer"] == 2 and span["kept"] < span["length"]
@@ -182,6 +183,16 @@ def test_bench(family, checkpoints, capsys):
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["seq_len"] > row["kept_len"] and row["pruned"]["prefill_s"] > 0
     assert row["grid"] == ([8, 8] if family == "llava" else [1, 3])  # LLaVA's one size; InternVL: 3 tiles + thumbnail
+
+
+def test_image_flags_of_another_family_are_refused_before_loading(checkpoints, tmp_path):
+    image = tmp_path / "img.png"
+    smooth_image(64, 64).save(image)
+    base = ["generate", "--image", str(image), "--prompt", "x"]
+    with pytest.raises(SystemExit, match="--max-tiles applies to tiled-image models"):
+        main([*base, "--model", str(checkpoints["llava"]), "--max-tiles", "4"])
+    with pytest.raises(SystemExit, match="--min-pixels applies to Qwen-VL models"):
+        main([*base, "--model", str(checkpoints["internvl"]), "--min-pixels", "3136"])
 
 
 # -- eval ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from ivcprune import FastV, PDrop, UnsupportedModelError, get_adapter, make_method
 from ivcprune.merging import visionzip_select
 from ivcprune.methods.pdrop import default_stages
+from ivcprune.rules import cdpruner_select, dart_select, divprune_select
 
 from conftest import FAMILIES, make_inputs, make_model
 from reference import masked_stages
@@ -191,3 +192,70 @@ def test_visionzip_matches_clip_attention_and_the_masked_reference():
 def test_visionzip_refuses_towers_without_a_cls_token(family):
     with pytest.raises(UnsupportedModelError, match="CLS"):
         make_method("visionzip")(make_model(family))
+
+
+def _span_of(rep):
+    s = rep.spans[0]
+    return s, {p for p in rep.kept.tolist() if s.start <= p < s.start + s.length}
+
+
+def _check_masked(model, inputs, method, stages):
+    """Prefill logits of the kept tokens and greedy decoding equal the masked reference."""
+    with torch.no_grad(), method(model):
+        logits = model(**inputs).logits[0]
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    keep = method.last_report.kept
+    with torch.no_grad(), masked_stages(model, [(layer, keep) for layer in stages]):
+        ref_logits = model(**inputs).logits[0]
+        ref = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    torch.testing.assert_close(logits, ref_logits[keep], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("name", ["divprune", "cdpruner"])
+def test_pre_llm_methods_rank_the_llm_input_embeddings(family, name):
+    """DivPrune and CDPruner before layer 0: their choice from the embeddings the unpruned model feeds its
+    first layer (visual rows of the span; CDPruner's text: the prompt after the span), and the masked
+    reference from layer 0 on."""
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),), text_after=7)
+    method = make_method(name, budget=0.3)
+    _check_masked(model, inputs, method, [0])
+    s, kept = _span_of(method.last_report)
+    with torch.no_grad():
+        emb = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    k = method.target_count(s.length, method.last_report.config)
+    visual = emb[s.start : s.start + s.length]
+    if name == "divprune":
+        expected = divprune_select(visual, k)
+    else:
+        expected = cdpruner_select(visual, emb[s.start + s.length + 2 :], k, negate=False)
+    assert kept == set((expected + s.start).tolist())
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_dart_pivots_and_similarities_come_from_layer_k(family):
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),), text_after=7)
+    method = make_method("dart", budget=0.3)
+    _check_masked(model, inputs, method, [2])
+    s, kept = _span_of(method.last_report)
+    lm = model.model.language_model
+    with torch.no_grad():
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+        layer = lm.layers[1]
+        x = layer.input_layernorm(hs[1])
+        k = layer.self_attn.k_proj(x)[0].view(x.shape[1], -1, layer.self_attn.head_dim).transpose(0, 1)
+        cos, sin = lm.rotary_emb(x, torch.arange(x.shape[1])[None])
+        half = k.shape[-1] // 2
+        k = k * cos[0] + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin[0]  # rotary, by hand
+        states = lm.norm(hs[2])[0]
+    scores = k.abs().sum(dim=(0, 2))  # L1 norm over heads and dims
+    after = torch.arange(s.start + s.length, x.shape[1])
+    expected = dart_select(states[s.start : s.start + s.length], method.target_count(s.length, method.last_report
+                           .config), pivot_scores=scores[s.start : s.start + s.length], text_tokens=states[after],
+                           text_pivot_scores=scores[after])
+    assert kept == set((expected + s.start).tolist())

@@ -9,13 +9,17 @@
 
 from .families import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from .methods import (
+    DART,
     REGISTRY,
+    CDPruner,
+    DivPrune,
     FastV,
     IVCPrune,
     PDrop,
     Preset,
     PruningMethod,
     RandomPrune,
+    VisionZip,
     make_method,
     preset_for,
     register,
@@ -30,6 +34,10 @@ __all__ = [
     "RandomPrune",
     "FastV",
     "PDrop",
+    "DART",
+    "VisionZip",
+    "DivPrune",
+    "CDPruner",
     "PruningMethod",
     "make_method",
     "register",

@@ -28,6 +28,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in float32, as transformers rotates queries and keys (``cos`` / ``sin``
+    broadcast against ``x``'s last two dims: ``(S, d)`` for ``(..., S, d)``)."""
+    f32 = torch.float32
+    xf = x.to(f32)
+    return xf * cos.to(f32) + _rotate_half(xf) * sin.to(f32)
+
+
 def _check_rotary(name: str, table: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(table.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(table.shape)}")

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import cut
 from .families import Adapter, Span, get_adapter
-from .merging import last_query_attention
+from .merging import apply_rotary, last_query_attention
 from .report import PruneReport, SpanReport
 from .tiles import TileLayout
 
@@ -58,6 +58,8 @@ class Needs:
     attention: bool = False  # the last prompt token's attention (heads averaged), from captured q/k
     # ...of layer K-1 (-1: FastV) or of layer K on its own input (0: PyramidDrop)
     attention_at: int = -1
+    keys: bool = False  # layer K-1's keys, rotary applied, per KV head (DART's pivots)
+    hidden_norm: str | None = None  # "final": the hidden states entering layer K through the decoder's final norm
 
     def __post_init__(self):
         if self.value_input not in VALUE_INPUTS:
@@ -75,6 +77,7 @@ class RowInput:
     values: torch.Tensor | None  # (H, length, d) value vectors of layer K-1, if needed
     hidden: torch.Tensor | None  # (length, D) hidden states entering layer K, if needed
     attention: torch.Tensor | None = None  # (length,) the last token's attention at layer K-1, if needed
+    keys: torch.Tensor | None = None  # (Hkv, length, d) layer K-1's keys with the rotary embedding, if needed
     # tokens already pruned by an earlier stage are zeros in ``values`` / ``hidden`` / ``attention``
 
 
@@ -222,7 +225,7 @@ class Pruner:
         if self.stages[0] != self.layer or self.stages[-1] >= self.adapter.num_layers:
             raise ValueError(f"stages {self.stages} must start at the method's layer {self.layer} and stay below "
                              f"{self.adapter.num_layers} decoder layers")
-        if (self.needs.values or self.needs.attention) and self.stages[0] < 1:
+        if (self.needs.values or self.needs.attention or self.needs.keys) and self.stages[0] < 1:
             raise ValueError("value vectors and attention come from the decoder's layers: K must be >= 1")
         if self.needs.attention and self.needs.attention_at not in (-1, 0):
             raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
@@ -257,7 +260,7 @@ class Pruner:
             elif self.needs.values:
                 self._handles.append(a.layers[stage - 1].register_forward_pre_hook(_Hook(self._residual_pre),
                                                                                      with_kwargs=True))
-            if self.needs.attention and self.needs.attention_at == -1:
+            if (self.needs.attention and self.needs.attention_at == -1) or self.needs.keys:
                 self._handles.append(a.layers[stage - 1].register_forward_pre_hook(_Hook(self._attention_pre),
                                                                                      with_kwargs=True))
 
@@ -503,18 +506,34 @@ class Pruner:
             out[tuple(index)] = x[tuple(src)]
             return out
 
-        values = hid = attn = None
+        values = hid = attn = keys = None
         if self.needs.values:
             if st.values is None:
                 raise RuntimeError("value vectors of the layer before the stage were not captured")
             values = scatter(self.adapter.split_heads(st.values)[b], 1)  # (H, n, d)
         if self.needs.hidden:
-            hid = scatter(hidden[b], 0)
+            h = hidden[b]
+            if self.needs.hidden_norm == "final":
+                with torch.no_grad():
+                    h = self.adapter.final_norm()(h)
+            hid = scatter(h, 0)
+        if (self.needs.attention or self.needs.keys) and st.attention is None:
+            raise RuntimeError("attention inputs of the layer before the stage were not captured")
         if self.needs.attention:
-            if st.attention is None:
-                raise RuntimeError("attention inputs of the layer before the stage were not captured")
             attn = scatter(self._last_token_attention(st, b), 0)
-        return values, hid, attn
+        if self.needs.keys:
+            keys = scatter(self._rotated_keys(st, b), 1)
+        return values, hid, attn, keys
+
+    def _rotated_keys(self, st: _Forward, b: int) -> torch.Tensor:
+        """Row ``b``'s keys at the captured layer, rotary applied: ``(Hkv, current slots, d)`` in float32."""
+        layer, hidden, cos, sin = st.attention
+        slots = st.valid[b].nonzero().squeeze(1) if st.index is not None else st.real[b]
+        with torch.no_grad():
+            _, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
+            cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
+            sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
+            return apply_rotary(k[0], cb, sb)
 
     def _last_token_attention(self, st: _Forward, b: int) -> torch.Tensor:
         """Row ``b``'s last token's attention over the current sequence at the captured layer, heads averaged,
@@ -546,14 +565,14 @@ class Pruner:
             t0 = time.perf_counter()
             real = st.real[b]
             slots, local = self._current(st, b)
-            values, hid, attn = self._row_tensors(st, hidden, b, slots, local)
+            values, hid, attn, keys = self._row_tensors(st, hidden, b, slots, local)
             visual = torch.zeros(len(real), dtype=torch.bool)
             for s in spans:
                 visual[s.start : s.start + s.length] = True
             alive = torch.zeros(len(real), dtype=torch.bool)
             alive[local] = True
             row = RowInput(row=b, length=len(real), past=st.real_past[b], visual=visual, values=values, hidden=hid,
-                           attention=attn)
+                           attention=attn, keys=keys)
             positions = st.positions[:, b, real]
             keep_mask = alive & ~visual
             span_reports = [] if first else st.reports[b].spans

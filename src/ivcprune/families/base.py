@@ -122,7 +122,7 @@ class Family:
                 f"{type(model).__name__}: expected {expected} with .language_model.layers and "
                 ".language_model.rotary_emb (transformers 5.x layout)"
             )
-        self.entry, self.layers, self.rotary = entry, lm.layers, lm.rotary_emb
+        self.entry, self.layers, self.rotary, self.language_model = entry, lm.layers, lm.rotary_emb, lm
         text = model.config.get_text_config()
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
@@ -230,6 +230,10 @@ class Family:
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2)
+
+    def final_norm(self) -> nn.Module:
+        """The decoder's norm after its last layer."""
+        return self.language_model.norm
 
     def cls_attention_parts(self) -> tuple[nn.Module, nn.Module]:
         """``(attention, projector)``: the self-attention module of the vision layer whose output becomes the

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import PruningMethod, RankedMethod, knob_fields, paper_layer
+from .cdpruner import CDPruner
 from .combined import with_ivc
+from .dart import DART
+from .divprune import DivPrune
 from .fastv import FastV
 from .ivc import IVCPrune, Preset, preset_for
 from .pdrop import PDrop
@@ -48,6 +51,9 @@ PDropWithIVC = with_ivc(PDrop)
 register("fastv+ivc", FastVWithIVC)
 register("pdrop+ivc", PDropWithIVC)
 register("visionzip", VisionZip)
+register("dart", DART)
+register("divprune", DivPrune)
+register("cdpruner", CDPruner)
 
 
 def method_names(*, with_none: bool = True) -> tuple[str, ...]:
@@ -79,5 +85,6 @@ def make_method(name: str, **knobs: Any) -> PruningMethod | None:
 
 
 __all__ = ["PruningMethod", "RankedMethod", "IVCPrune", "RandomPrune", "FastV", "PDrop", "FastVWithIVC",
-           "PDropWithIVC", "VisionZip", "with_ivc", "Preset", "preset_for", "paper_layer", "REGISTRY",
+           "PDropWithIVC", "VisionZip", "DART", "DivPrune", "CDPruner",
+           "with_ivc", "Preset", "preset_for", "paper_layer", "REGISTRY",
            "MethodEntry", "register", "make_method", "method_names", "method_label", "knob_fields"]

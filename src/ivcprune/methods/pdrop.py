@@ -30,8 +30,8 @@ class PDrop(RankedMethod):
     (the final share) sets λ = budget^(1/stages) instead; ``layer`` moves the first stage and keeps the
     spacing (dropping stages past the last layer). Differences from the release: kept tokens keep their
     original positions (the release renumbers them), every visual span is ranked on its own, and the KV
-    cache of every layer holds only the tokens kept in the end (the release keeps each stage's tokens in its layers' caches): prefill is the
-    release's, decoding sees fewer tokens in early layers.
+    cache of every layer holds only the tokens kept in the end (the release keeps each stage's tokens in its
+    layers' caches): prefill is the release's, decoding sees fewer tokens in early layers.
     """
 
     name = "pdrop"

@@ -211,6 +211,11 @@ def test_n_choices(toy, client):
     ref = alone(toy, one(0))
     assert [c.message.content for c in resp.choices] == [ref.text] * 2 and [c.index for c in resp.choices] == [0, 1]
     assert resp.usage.completion_tokens == 2 * len(ref.tokens)
+    texts = ["", ""]
+    for ch in ask(client, 0, n=2, stream=True):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [ref.text] * 2
 
 
 def test_seeded_sampling_is_reproducible_and_equals_the_cli(client, tmp_path, capsys):

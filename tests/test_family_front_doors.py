@@ -99,6 +99,19 @@ def test_llava_view_follows_the_processor_config():
     assert seen.getpixel((56, 5)) == tuple(int(m * 255) for m in build_llava_processor().image_processor.image_mean)
 
 
+@pytest.mark.parametrize("do_pad", [False, True])
+@pytest.mark.parametrize("size", [(300, 200), (120, 260), (500, 499)])
+def test_llava_seen_image_is_what_the_tower_gets(do_pad, size):
+    """The picture's image is the processor's pixel values, de-normalised (crop or pad, then resize)."""
+    ip = build_llava_processor(112, do_pad=do_pad).image_processor
+    image = smooth_image(*size, seed=3)
+    seen, _ = tower_view(ip, image)
+    pixels = ip(image, return_tensors="pt")["pixel_values"][0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ip.image_mean, ip.image_std))
+    tower = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    assert np.abs(tower - np.asarray(seen, dtype=np.float32) / 255).mean() < 1e-3
+
+
 # -- the tile grid the processor chooses -------------------------------------------------------------------
 SIZES = [(112, 112), (300, 100), (100, 300), (224, 112), (112, 224), (400, 150), (150, 400), (336, 224), (500, 90),
          (90, 500), (250, 240), (640, 480), (480, 640), (200, 600), (700, 120), (333, 333), (60, 40)]

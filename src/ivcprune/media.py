@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from .families.internvl import InternVL
+
 Box = tuple[float, float, float, float]
 
 
@@ -112,8 +114,8 @@ class Media:
             items, vids = message_images(messages)
             loaded = [load_visual(item.get("image", item.get("image_url"))) for item in items]
             originals += loaded
-            images += self.images(messages, items, loaded, image_patch_size)
-            videos += self.videos(messages, vids, image_patch_size)
+            images += self.images(items, loaded, image_patch_size)
+            videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
         inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
                            padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
@@ -125,13 +127,14 @@ class Media:
             first += n
         return Prepared(inputs, rows, row_views)
 
-    def images(self, messages, items, loaded: list[Image.Image], patch: int) -> list[Image.Image]:
-        """What the processor gets for the conversation's images (``loaded``: the originals)."""
+    def images(self, items: list[dict[str, Any]], loaded: list[Image.Image], patch: int) -> list[Image.Image]:
+        """What the processor gets for a conversation's image ``items`` (``loaded``: their original images)."""
         return loaded
 
-    def videos(self, messages, items, patch: int) -> list[Any]:
+    def videos(self, items: list[dict[str, Any]], patch: int) -> list[Any]:
+        """What the processor gets for a conversation's video ``items``."""
         if items:
-            raise ValueError(f"{type(self).__name__[:-5] or 'this'} models take images only here, not videos")
+            raise ValueError(f"{self.model_types[0]} models take images only here, not videos")
         return []
 
     def processor_kwargs(self, max_tiles: int | None) -> dict[str, Any]:
@@ -151,7 +154,7 @@ class QwenMedia(Media):
     model_types = ("qwen2_5_vl", "qwen2_vl")
     pixel_bounds = True
 
-    def images(self, messages, items, loaded, patch):
+    def images(self, items, loaded, patch):
         if not items:
             return []
         from qwen_vl_utils import process_vision_info
@@ -163,7 +166,7 @@ class QwenMedia(Media):
         ims, _ = process_vision_info([{"role": "user", "content": parts}], image_patch_size=patch)
         return ims or []
 
-    def videos(self, messages, items, patch):
+    def videos(self, items, patch):
         if not items:
             return []
         from qwen_vl_utils import process_vision_info
@@ -200,8 +203,6 @@ class InternVLMedia(Media):
         return {} if max_tiles is None else {"max_patches": int(max_tiles)}
 
     def seen(self, processor, originals, images, inputs, max_tiles=None):
-        from .families.internvl import InternVL
-
         ip = processor.image_processor  # each image's grid: the processor's choice under its limits
         lo = getattr(ip, "min_patches", 1) or 1
         hi = max_tiles or getattr(ip, "max_patches", None) or InternVL.max_tiles

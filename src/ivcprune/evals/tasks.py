@@ -98,7 +98,7 @@ def _visual_fields(gen: Generated) -> dict[str, Any]:
 def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any]) -> bool:
     """The kept visual tokens of the sample's first image, beside its boxes (grounding: truth green,
     answer magenta) or its answer; ``False`` (nothing written) when nothing was pruned."""
-    from ..viz import prediction_picture
+    from ..viz import DISPLAY_SIDE, prediction_picture
 
     rep = gen.report
     if rep is None or not rep.spans or (rep.spans[0].grid is None and rep.spans[0].tiles is None) or not gen.seen:
@@ -116,7 +116,8 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
         verdict = f"IoU {rec['iou']:.2f}"
     else:
         verdict = f"answer {rec['pred'] or '?'}, truth {rec['gt']}: {'right' if rec['correct'] else 'wrong'}"
-    width = max(20, seen.width // 6 - len(verdict) - 4)  # the default font is about 6 px a character
+    shown = min(seen.width, DISPLAY_SIDE) if span.grid is None else seen.width  # tiled originals are shrunk
+    width = max(20, shown // 6 - len(verdict) - 4)  # the default font is about 6 px a character
     question = " ".join(sample.question.split())
     question = question if len(question) <= width else question[: width - 3] + "..."
     pic = prediction_picture(seen, span, None, boxes,

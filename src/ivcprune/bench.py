@@ -186,11 +186,16 @@ def llm_flops(config, seq_lens: list[int]) -> float:
     return total
 
 
-def expected_ratios(config, seq_len: int, kept_len: int, layer: int, context_extra: int = 0) -> dict[str, float]:
-    """FLOP-limited expectation: prefill FLOP ratio of the LLM, and decode attention/KV ratio."""
+def expected_ratios(config, seq_len: int, kept_len: int, layer: int, context_extra: int = 0,
+                    stages: list | None = None) -> dict[str, float]:
+    """FLOP-limited expectation: prefill FLOP ratio of the LLM, and decode attention/KV ratio. ``stages``:
+    ``[(layer, kept_len), ...]`` of a method that cuts several times (layer ``l`` runs on the length of the
+    last stage at or before it); otherwise one cut at ``layer``."""
     n = config.get_text_config().num_hidden_layers
     full = llm_flops(config, [seq_len] * n)
-    pruned = llm_flops(config, [seq_len] * layer + [kept_len] * (n - layer))
+    stages = sorted(stages) if stages else [(layer, kept_len)]
+    lens = [next((k for s, k in reversed(stages) if s <= i), seq_len) for i in range(n)]
+    pruned = llm_flops(config, lens)
     return {
         "llm_prefill_flop_ratio": pruned / full,
         "kv_ratio": (kept_len + context_extra) / (seq_len + context_extra),
@@ -250,66 +255,85 @@ RATIO_KEYS = ("prefill_s", "llm_prefill_s", "decode_ms_per_token", "total_s", "s
 def bench_row(model, processor, method: PruningMethod, *, image_tokens: int, batch_size: int, new_tokens: int,
               repeats: int, warmup: int, prompt: str, on_run=None) -> dict[str, Any]:
     """One shape and batch size: unpruned and pruned runs interleaved, medians over ``repeats``."""
+    return bench_rows(model, processor, {method.name: method}, image_tokens=image_tokens, batch_size=batch_size,
+                      new_tokens=new_tokens, repeats=repeats, warmup=warmup, prompt=prompt, on_run=on_run)[0]
+
+
+def bench_rows(model, processor, methods: dict[str, PruningMethod], *, image_tokens: int, batch_size: int,
+               new_tokens: int, repeats: int, warmup: int, prompt: str, on_run=None) -> list[dict[str, Any]]:
+    """One shape and batch size, several methods: the unpruned run and every method's interleaved in each
+    repeat (so every ratio compares runs of one moment), medians over ``repeats``; one row per method."""
     device = next(model.parameters()).device
     inputs, grid = _image_inputs(model, processor, image_tokens, prompt, device, batch_size)
-    runs: dict[str, list[GenerationRun]] = {"unpruned": [], "pruned": []}
+    variants = [("unpruned", None), *methods.items()]
+    runs: dict[str, list[GenerationRun]] = {name: [] for name, _ in variants}
     for i in range(warmup + repeats):
-        for name, m in (("unpruned", None), ("pruned", method)):
+        for name, m in variants:
             r = measure_generate(model, inputs, m, max_new_tokens=new_tokens)
             if i >= warmup:
                 runs[name].append(r)
             if on_run is not None:
                 on_run()
-    rep = runs["pruned"][-1].report or {}
     seq_len = inputs["input_ids"].shape[1]
-    kept_len = rep.get("kept_len", seq_len)
-    layer = rep.get("layer") or 0
-    row: dict[str, Any] = {
-        "image_tokens": image_tokens,
-        "batch_size": batch_size,
-        "grid": list(grid),
-        "seq_len": seq_len,
-        "kept_len": kept_len,
-        "visual_kept": rep.get("visual_kept"),
-        "layer": layer,
-        "selection_ms": _median([(r.report or {}).get("selection_ms") for r in runs["pruned"]]),
-        "config": rep.get("config", {}),
-    }
-    for name, rs in runs.items():
-        row[name] = _variant(rs)
-    row["pruned"]["same_tokens_as_unpruned"] = runs["pruned"][-1].rows_tokens == runs["unpruned"][-1].rows_tokens
-    u, p = row["unpruned"], row["pruned"]
-    row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None) for k in RATIO_KEYS}
-    row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer)
+    base = _variant(runs["unpruned"])
     n_layers = model.config.get_text_config().num_hidden_layers
-    row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
-    return row
+    rows = []
+    for name in methods:
+        rep = runs[name][-1].report or {}
+        kept_len = rep.get("kept_len", seq_len)
+        layer = rep.get("layer") or 0
+        row: dict[str, Any] = {
+            "method": name,
+            "image_tokens": image_tokens,
+            "batch_size": batch_size,
+            "grid": list(grid),
+            "seq_len": seq_len,
+            "kept_len": kept_len,
+            "visual_kept": rep.get("visual_kept"),
+            "layer": layer,
+            "stages": rep.get("stages"),
+            "selection_ms": _median([(r.report or {}).get("selection_ms") for r in runs[name]]),
+            "config": rep.get("config", {}),
+            "unpruned": base,
+            "pruned": _variant(runs[name]),
+        }
+        row["pruned"]["same_tokens_as_unpruned"] = runs[name][-1].rows_tokens == runs["unpruned"][-1].rows_tokens
+        u, p = row["unpruned"], row["pruned"]
+        row["ratios"] = {k: (p[k] / u[k] if u[k] and p[k] is not None else None) for k in RATIO_KEYS}
+        row["expected"] = expected_ratios(model.config, seq_len, kept_len, layer, stages=rep.get("stages"))
+        row["layer_ms_estimate"] = 1000 * u["llm_prefill_s"] / n_layers if u["llm_prefill_s"] else None
+        rows.append(row)
+    return rows
 
 
-def run_bench(model, processor, method: PruningMethod, *, image_tokens: list[int], batch_sizes: list[int] = (1,),
-              new_tokens: int = 32, repeats: int = 5, warmup: int = 1, prompt: str = "Describe the image in detail.",
-              model_name: str = "", progress: bool = True) -> dict[str, Any]:
+def run_bench(model, processor, method: PruningMethod | dict[str, PruningMethod], *, image_tokens: list[int],
+              batch_sizes: list[int] = (1,), new_tokens: int = 32, repeats: int = 5, warmup: int = 1,
+              prompt: str = "Describe the image in detail.", model_name: str = "", progress: bool = True
+              ) -> dict[str, Any]:
     """Unpruned vs pruned, interleaved, medians over ``repeats``, for every image size x batch size (a
     batch of identical-shape prompts; throughput = samples and generated tokens per second of the whole
-    generate call); returns a JSON-able dict."""
+    generate call); returns a JSON-able dict. ``method`` may be several methods by name: each gets its row
+    per shape, measured interleaved with the others and the unpruned run."""
     from tqdm.auto import tqdm
 
+    methods = method if isinstance(method, dict) else {method.name: method}
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
-    total = len(image_tokens) * len(batch_sizes) * (warmup + repeats) * 2
+    total = len(image_tokens) * len(batch_sizes) * (warmup + repeats) * (1 + len(methods))
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
-    rows = [bench_row(model, processor, method, image_tokens=n_img, batch_size=b, new_tokens=new_tokens,
-                      repeats=repeats, warmup=warmup, prompt=prompt, on_run=lambda: bar.update(1))
-            for n_img in image_tokens for b in batch_sizes]
+    rows = [row for n_img in image_tokens for b in batch_sizes
+            for row in bench_rows(model, processor, methods, image_tokens=n_img, batch_size=b, new_tokens=new_tokens,
+                                  repeats=repeats, warmup=warmup, prompt=prompt, on_run=lambda: bar.update(1))]
     bar.close()
-    config = rows[-1].pop("config") if rows else {}
+    configs = {}
     for r in rows:
-        r.pop("config", None)
+        configs[r["method"]] = r.pop("config", {})
     return {
         "model": model_name,
         **environment(model),
-        "method": describe(config),
-        "config": config,
+        "method": "; ".join(describe(c) for c in configs.values()),
+        "methods": list(methods),
+        "config": next(iter(configs.values()), {}) if len(methods) == 1 else configs,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "batch_sizes": list(batch_sizes),
@@ -377,16 +401,20 @@ def bench_markdown(result: dict[str, Any]) -> str:
     head = (
         f"Model `{result['model']}` on {result['device']}, {result['dtype']}, {result['attn_implementation']}; "
         f"{result['method']}; {result['new_tokens']} new tokens; medians of {result['repeats']} runs.\n\n"
-        "| visual tokens | batch | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
+        + ("| method " if len(result.get("methods", [])) > 1 else "")
+        + "| visual tokens | batch | seq → kept | LLM prefill s | ratio | expected | prefill incl. vision s | ratio "
         "| decode ms/tok | ratio | samples/s | tok/s | ratio | LLM peak mem | ratio | peak mem | ratio "
         "| KV cache | ratio | selection ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        + ("|---" if len(result.get("methods", [])) > 1 else "")
+        + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
+    several = len(result.get("methods", [])) > 1
     for r in result["rows"]:
         u, p, q = r["unpruned"], r["pruned"], r["ratios"]
         lines.append(
-            f"| {r['image_tokens']} | {r.get('batch_size', 1)} | {r['seq_len']} → {r['kept_len']} "
+            (f"| {r['method']} " if several else "")
+            + f"| {r['image_tokens']} | {r.get('batch_size', 1)} | {r['seq_len']} → {r['kept_len']} "
             f"| {_r(u['llm_prefill_s'], 3)} → {_r(p['llm_prefill_s'], 3)} | {_r(q['llm_prefill_s'])} "
             f"| {_r(r['expected']['llm_prefill_flop_ratio'])} "
             f"| {_r(u['prefill_s'], 3)} → {_r(p['prefill_s'], 3)} | {_r(q['prefill_s'])} "
@@ -405,11 +433,11 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "are the whole batch's); samples/s and tok/s = the batch's samples and generated tokens over the whole "
         "generate call (ratio: pruned / unpruned throughput). "
         "LLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
-        "(layers before K are not reduced). Peak memory = rise above the level before generate (CUDA "
-        "allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. "
+        "(layers before K, or before each stage, run on more tokens). Peak memory = rise above the level before "
+        "generate (CUDA allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. "
         "KV cache = all layers, after prefill. selection ms = "
         "time to choose the kept tokens (one decoder layer of unpruned prefill takes about "
-        + ", ".join(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"])
+        + ", ".join(dict.fromkeys(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"]))
         + " here)."
     )
     return head + "\n".join(lines) + notes

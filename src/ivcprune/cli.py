@@ -259,12 +259,24 @@ def _save_generation(folder: Path, prompt: str, results: dict[str, Any], out: di
 
 def cmd_bench(args) -> int:
     from .bench import bench_markdown, run_bench, save_bench
+    from .families import UnsupportedModelError, get_adapter
 
-    method = _method_from_args(args, "ivc" if args.method == "none" else args.method)
+    if args.methods:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        method = {n: _method_from_args(args, n) for n in names if n != "none"}  # unpruned is always measured
+        if not method:
+            raise SystemExit("ivcprune: error: --methods needs at least one method besides none")
+    else:
+        method = _method_from_args(args, "ivc" if args.method == "none" else args.method)
     args.model = _resolve_model_spec(args.model)
     _check_writable(args.out)
     _check_overrides(args)
     model, processor = _load(args)
+    for m in (method.values() if isinstance(method, dict) else [method]):
+        try:
+            m.resolve(get_adapter(model))
+        except UnsupportedModelError as e:
+            raise SystemExit(f"ivcprune: error: {m.name}: {e}") from None
     result = run_bench(model, processor, method, image_tokens=args.image_tokens, batch_sizes=args.batch_size,
                        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, model_name=args.model,
                        progress=not args.json)
@@ -404,7 +416,7 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
     from .evals.judge import Judge, judge_records
     from .evals.runner import NothingToScoreError, run_resumable
     from .evals.tasks import authors_pixels, predict_samples, sample_size
-    from .families import family_class, get_adapter
+    from .families import UnsupportedModelError, family_class, get_adapter
     from .media import media_for
     from .methods import method_label
 
@@ -414,7 +426,11 @@ def _run_evals(args, spec: str, model, processor, runs, dist, *, single_bench: b
     for bench, name, m, method, run_dir in runs:
         if bench.total is None and bench.source.lower().endswith(".tsv") and not args.quiet and dist.rank == 0:
             bench.total = count_rows(bench.source)  # rows, malformed ones included
-        resolved = method.resolve(get_adapter(model)) if method is not None else {}
+        try:
+            resolved = method.resolve(get_adapter(model)) if method is not None else {}
+        except UnsupportedModelError as e:  # e.g. VisionZip on a tower without CLS: the other runs go on
+            errors.append(f"{bench.name} {name}: {m} cannot run on this model: {e}")
+            continue
         prompt = args.prompt_template
         if bench.task == "grounding" and prompt is None:
             prompt = family_class(family).grounding_prompts()[_grounding_prompt(args)]
@@ -582,9 +598,11 @@ def cmd_serve(args) -> int:
         raise SystemExit("ivcprune: error: random:NAME models have no tokenizer or processor; serve a checkpoint")
     _method_from_args(args)  # bad knobs fail here, before the model loads
     _check_pixels(args)
+    _check_family_flags(args, _model_type(args.model))
     config = serve.config_from_args(args, model_name=name, method=args.method,
                                     knobs=_given_knobs(args, args.method))
     model, processor = _load(args)
+    _check_family_flags(args, model.config.model_type)
     serve.run_server(model, processor, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -629,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive, nargs="+", default=[1],
                    help="prompts of one shape generated together (one or more sizes): throughput in samples/s and "
                         "generated tokens/s, unpruned vs pruned")
+    b.add_argument("--methods", default=None,
+                   help="several methods compared in one run, e.g. ivc,fastv,pdrop,divprune (each interleaved with "
+                        "the unpruned run; knob flags apply to the methods that have them)")
     b.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     b.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     b.set_defaults(func=cmd_bench)

@@ -97,6 +97,7 @@ class PruneReport:
     config: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     selection_ms: float = 0.0
+    stages: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from it on) per cut
 
     @property
     def pruned(self) -> bool:
@@ -141,6 +142,7 @@ class PruneReport:
             "visual_kept": self.visual_kept,
             "kept_visual_ratio": round(self.kept_visual_ratio, 6),
             "selection_ms": round(self.selection_ms, 3),
+            "stages": [list(x) for x in self.stages],
             "reason": self.reason,
             "config": self.config,
             "spans": [s.to_dict() for s in self.spans],

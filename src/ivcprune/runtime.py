@@ -609,10 +609,12 @@ class Pruner:
             if first:
                 st.reports.append(PruneReport(
                     method=self.method.name, layer=self.layer, seq_len=row.past + len(real), kept=kept_all,
-                    spans=span_reports, config=dict(self.config), reason=reason, selection_ms=ms))
+                    spans=span_reports, config=dict(self.config), reason=reason, selection_ms=ms,
+                    stages=[(idx, int(kept_all.numel()))]))
             else:
                 rep = st.reports[b]
                 rep.kept, rep.selection_ms = kept_all, rep.selection_ms + ms
+                rep.stages.append((idx, int(kept_all.numel())))
                 if notes:
                     rep.reason = "; ".join(filter(None, [rep.reason, *notes]))
         st.values = st.attention = None

@@ -434,7 +434,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "generate call (ratio: pruned / unpruned throughput). "
         "LLM prefill = prefill minus the vision encoder; expected = LLM prefill FLOPs pruned / unpruned "
         "(layers before K, or before each stage, run on more tokens). Peak memory = rise above the level before "
-        "generate (CUDA allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision encoder finished. "
+        "generate (CUDA allocator, or the process's peak RSS on CPU); LLM peak = the same after the vision "
+        "encoder finished. "
         "KV cache = all layers, after prefill. selection ms = "
         "time to choose the kept tokens (one decoder layer of unpruned prefill takes about "
         + ", ".join(dict.fromkeys(f"{_r(r['layer_ms_estimate'], 1)} ms" for r in result["rows"]))

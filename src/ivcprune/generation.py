@@ -199,6 +199,18 @@ class Generation:
         return self.timing.prefill_s
 
 
+def prepare_requests(model, processor, requests: Sequence[Request]):
+    """The inputs :func:`generate_batch` gives the model for ``requests`` (one left-padded batch, on the CPU),
+    built the model family's way: a :class:`ivcprune.media.Prepared` (``inputs``, per row ``seen`` and
+    ``views``). Front doors that must know a prompt's length before generating (the server) call it too."""
+    tiles = {r.max_tiles for r in requests}
+    if len(tiles) > 1:
+        raise ValueError(f"requests of one batch need one max_tiles, got {sorted(tiles, key=str)}")
+    patch = model.config.vision_config.patch_size
+    return prepare_batch(processor, [r.messages() for r in requests], image_patch_size=patch,
+                         model_type=model.config.model_type, max_tiles=tiles.pop())
+
+
 def generate_batch(model, processor, requests: Sequence[Request], method=None, *, max_new_tokens: int,
                    do_sample: bool = False, clock: bool = True, decode_kwargs: dict[str, Any] | None = None,
                    **generate_kwargs) -> list[Generation]:
@@ -208,12 +220,7 @@ def generate_batch(model, processor, requests: Sequence[Request], method=None, *
     The text is decoded with ``decode_kwargs`` (default: special tokens skipped)."""
     if not requests:
         return []
-    tiles = {r.max_tiles for r in requests}
-    if len(tiles) > 1:
-        raise ValueError(f"requests of one batch need one max_tiles, got {sorted(tiles, key=str)}")
-    patch = model.config.vision_config.patch_size
-    prepared = prepare_batch(processor, [r.messages() for r in requests], image_patch_size=patch,
-                             model_type=model.config.model_type, max_tiles=tiles.pop())
+    prepared = prepare_requests(model, processor, requests)
     seen, views = prepared.seen, prepared.views
     inputs = prepared.inputs.to(next(model.parameters()).device)
     out = generate_inputs(model, inputs, method, clock=clock, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -256,4 +263,4 @@ def sorted_batches(items: Iterable[T], batch_size: int, key: Callable[[T], Any] 
 
 
 __all__ = ["Request", "Generation", "BatchOutput", "Timing", "StepClock", "generate_batch", "generate_inputs",
-           "kv_cache_bytes", "sorted_batches", "sync"]
+           "prepare_requests", "kv_cache_bytes", "sorted_batches", "sync"]

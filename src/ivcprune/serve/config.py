@@ -48,5 +48,6 @@ class ServeConfig:
     max_batch_size: int = 8  # rows (requests x n) generated together
     batch_wait_ms: float = 5.0  # how long the oldest waiting request waits for others to join its batch
     api_key: str | None = None
-    min_pixels: int | None = None  # image resize bounds for the processor (None: the model's defaults)
+    min_pixels: int | None = None  # Qwen-VL image resize bounds (None: the model's defaults)
     max_pixels: int | None = None
+    max_tiles: int | None = None  # InternVL: tiles per image at most (None: the processor's limit)

@@ -32,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-wait-ms", type=_positive(float, zero=True), default=5.0,
                    help="how long a request waits for others to share its batch (default 5)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    g.add_argument("--min-pixels", type=_positive(int), default=None, help="image resize bounds (default: the model's)")
+    g.add_argument("--min-pixels", type=_positive(int), default=None,
+                   help="Qwen-VL image resize bounds (default: the model's)")
     g.add_argument("--max-pixels", type=_positive(int), default=None)
+    g.add_argument("--max-tiles", type=_positive(int), default=None,
+                   help="InternVL: tiles per image at most (default: the processor's max_patches)")
     lim = p.add_argument_group("limits (a request beyond them gets a 4xx)")
     lim.add_argument("--max-tokens", type=_positive(int), default=_DEFAULT.max_tokens,
                      help=f"largest max_tokens a request may ask for, and the default (default {_DEFAULT.max_tokens})")
@@ -63,4 +66,5 @@ def config_from_args(args: argparse.Namespace, *, model_name: str, method: str, 
                     local_image_dir=Path(folder) if folder else None)
     return ServeConfig(model_name=args.served_model_name or model_name, method=MethodSpec.of(method, knobs),
                        limits=limits, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                       api_key=args.api_key or None, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                       api_key=args.api_key or None, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                       max_tiles=args.max_tiles)

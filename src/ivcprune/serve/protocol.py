@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..families import get_adapter
-from ..generation import Request
-from ..inputs import build_batch_inputs, user_message
+from ..generation import Request, prepare_requests
+from ..inputs import user_message
 from .config import Limits, MethodSpec, ServeConfig
 
 # Request fields this server cannot honour: refused rather than silently ignored.
@@ -298,17 +298,17 @@ def build_request(system: str | None, turns: list[Turn], config: ServeConfig) ->
     history = [user_message(t.text, t.images, **bounds)[0] if t.role == "user"
                else {"role": "assistant", "content": t.text} for t in turns[:-1]]
     last = turns[-1]
-    return Request(last.images, last.text, system_prompt=system, history=history, **bounds)
+    return Request(last.images, last.text, system_prompt=system, history=history, max_tiles=config.max_tiles,
+                   **bounds)
 
 
 def count_prompt_tokens(processor, model, request: Request) -> int:
-    """The request's prompt tokens, images included, exactly as generation builds them."""
+    """The request's prompt tokens, images included, from the inputs generation builds for it."""
     try:
-        inputs, _ = build_batch_inputs(processor, [request.messages()],
-                                       image_patch_size=model.config.vision_config.patch_size)
+        prepared = prepare_requests(model, processor, [request])
     except (ValueError, TypeError) as e:  # e.g. an image too small or too elongated for the processor
         raise bad(f"the model's processor refused the request: {e}", "messages") from None
-    return int(inputs["input_ids"].shape[1])
+    return int(prepared.inputs["input_ids"].shape[1])
 
 
 def context_length(model) -> int:

@@ -1,7 +1,7 @@
 """OpenAI chat-completions requests -> :class:`~ivcprune.generation.Request` plus generation settings, and the
 answers back: parsing, validation against the server's limits, errors in OpenAI's JSON shape.
 
-Pure Python and PIL (no web framework): the HTTP layer calls :func:`parse_chat` off the event loop, since it
+No web framework here: the HTTP layer calls :func:`parse_chat` off the event loop, since it
 decodes images and counts the prompt's tokens.
 """
 

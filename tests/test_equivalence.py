@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ivcprune import IVCPrune, RandomPrune
+from ivcprune.methods import REGISTRY, make_method
 
 from conftest import FAMILIES, make_inputs, make_model
-from reference import masked_reference
+from reference import masked_reference, masked_stages
 
 ATOL = 2e-4
 
@@ -283,3 +284,29 @@ def test_base_model_without_lm_head(qwen25):
     assert torch.equal(kept_base, pruner.last_report.kept)
     assert base_out.shape[0] == kept_base.numel() < inputs["input_ids"].shape[1]
     torch.testing.assert_close(qwen25.model.language_model.norm(full_out), base_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:the .* preset uses the union rule")
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "visionzip"])  # VisionZip merges too: its own test
+def test_every_method_matches_the_masked_reference_of_its_stages(family, name):
+    """Every registered method at its defaults: prefill and decoding equal the unpruned model with each cut's
+    pruned tokens masked as keys from that cut's layer on (every layer while decoding). The cutting is the
+    same for every method; eager attention is covered by the cases above."""
+    model = make_model(family)
+    inputs = make_inputs(model, media=(("image", 1, 12, 16),), text_after=7)
+    method = make_method(name)
+    with torch.no_grad(), method(model):
+        logits = model(**inputs).logits[0]
+        out = _generate(model, inputs, n=4)
+    rep = method.last_report
+    assert rep.pruned and [layer for layer, _ in rep.stages] == rep.config.get("stages", [rep.layer])
+    assert torch.equal(rep.stages[-1][1], rep.kept)
+    with torch.no_grad(), masked_stages(model, rep.stages):
+        ref_logits = model(**inputs).logits[0]
+        ref = _generate(model, inputs, n=4)
+    torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=f"decode step {step}")
+    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}

@@ -97,7 +97,7 @@ class PruneReport:
     config: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     selection_ms: float = 0.0
-    stages: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from it on) per cut
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, kept positions) per cut
 
     @property
     def pruned(self) -> bool:
@@ -142,7 +142,7 @@ class PruneReport:
             "visual_kept": self.visual_kept,
             "kept_visual_ratio": round(self.kept_visual_ratio, 6),
             "selection_ms": round(self.selection_ms, 3),
-            "stages": [list(x) for x in self.stages],
+            "stages": [[layer, int(kept.numel())] for layer, kept in self.stages],  # tokens from each cut on
             "reason": self.reason,
             "config": self.config,
             "spans": [s.to_dict() for s in self.spans],

@@ -610,11 +610,11 @@ class Pruner:
                 st.reports.append(PruneReport(
                     method=self.method.name, layer=self.layer, seq_len=row.past + len(real), kept=kept_all,
                     spans=span_reports, config=dict(self.config), reason=reason, selection_ms=ms,
-                    stages=[(idx, int(kept_all.numel()))]))
+                    stages=[(idx, kept_all)]))
             else:
                 rep = st.reports[b]
                 rep.kept, rep.selection_ms = kept_all, rep.selection_ms + ms
-                rep.stages.append((idx, int(kept_all.numel())))
+                rep.stages.append((idx, kept_all))
                 if notes:
                     rep.reason = "; ".join(filter(None, [rep.reason, *notes]))
         st.values = st.attention = None

@@ -522,7 +522,9 @@ class Pruner:
         if self.needs.attention:
             attn = scatter(self._last_token_attention(st, b), 0)
         if self.needs.keys:
-            keys = scatter(self._rotated_keys(st, b), 1)
+            rotated = self._rotated_keys(st, b)  # over the row's current slots
+            keys = rotated.new_zeros(rotated.shape[0], n, rotated.shape[2])
+            keys[:, local.to(rotated.device)] = rotated
         return values, hid, attn, keys
 
     def _rotated_keys(self, st: _Forward, b: int) -> torch.Tensor:

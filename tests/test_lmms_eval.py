@@ -375,7 +375,7 @@ def test_build_method():
     with pytest.raises(TypeError, match="has no knob ivc_ratio"):
         build_method("random", ivc_ratio=0.1)
     with pytest.raises(ValueError, match="method must be one of"):
-        build_method("fastv")
+        build_method("no_such_method")
 
 
 def test_generation_settings_and_stops():

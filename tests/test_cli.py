@@ -83,3 +83,39 @@ def test_flop_model_by_hand():
     pruned = 2 * (100 * per_token + 2 * 100 * 101 * 64) + 2 * (50 * per_token + 2 * 50 * 51 * 64)
     assert r["llm_prefill_flop_ratio"] == pytest.approx(pruned / full)
     assert r["kv_ratio"] == pytest.approx(0.5)
+
+
+def test_bench_several_methods_in_one_run(tmp_path, capsys):
+    rc = main(["bench", "--model", "random:tiny-llava-1.5", "--set", "num_hidden_layers=8", "--repeats", "1",
+               "--warmup", "0", "--new-tokens", "2", "--image-tokens", "64", "--budget", "0.5", "--json",
+               "--methods", "fastv,pdrop,divprune,visionzip", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["fastv", "pdrop", "divprune", "visionzip"] and res["methods"] == list(rows)
+    assert len({r["unpruned"]["prefill_s"] for r in rows.values()}) == 1  # one unpruned run for all
+    for r in rows.values():
+        assert r["kept_len"] < r["seq_len"] and r["ratios"]["kv_bytes"] < 1
+    # FLOP expectation at one final budget: cutting before layer 0 saves most, one cut at K=2 next, PDrop's
+    # gradual stages least
+    exp = {name: r["expected"]["llm_prefill_flop_ratio"] for name, r in rows.items()}
+    assert exp["divprune"] < exp["fastv"] < exp["pdrop"] < 1
+    assert [s[0] for s in rows["pdrop"]["stages"]] == [2, 4, 6]
+    assert "| pdrop |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_refuses_a_method_the_model_cannot_run(capsys):
+    with pytest.raises(SystemExit, match="visionzip: .*CLS"):
+        main(["bench", "--model", "random:tiny-qwen2.5-vl", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+              "--image-tokens", "16", "--methods", "fastv,visionzip"])
+
+
+def test_eval_reports_a_method_the_model_cannot_run_and_runs_the_others(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["eval", "--model", "toy", "--data", "synthetic", "--n", "3", "--methods", "none,visionzip,fastv",
+               "--budgets", "0.5", "--out", str(out), "--quiet"])
+    assert rc == 1
+    assert "visionzip cannot run on this model" in capsys.readouterr().err
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in rows] == ["none", "fastv"]
+    assert not (out / "visionzip-b0.5" / "predictions.jsonl").exists()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 CHECKS = {
@@ -58,7 +60,7 @@ def test_quick_float32_run_passes_every_section(tmp_path):
         assert dtype == "float32"
         assert status == "PASS", (family, attn, check)
         seen[(family, attn)].add(check)
-    assert set(seen) == {(f, a) for f in ("qwen2_5_vl", "qwen2_vl") for a in ("sdpa", "eager")}
+    assert set(seen) == {(f, a) for f in FAMILIES for a in ("sdpa", "eager")}  # every registered family
     assert all(checks == CHECKS for checks in seen.values()), seen
 
     bench = _table(md, "| visual tokens | batch | status | seconds | note |")
@@ -74,7 +76,7 @@ def test_quick_float32_run_passes_every_section(tmp_path):
 def test_quick_half_precision_equivalence_passes_within_tolerance(tmp_path, dtype):
     md, data = _run(tmp_path, "--dtype", dtype, "--skip-bench")
     rows = _equivalence_rows(md)
-    assert len(rows) == 4 * len(CHECKS)
+    assert len(rows) == 2 * len(FAMILIES) * len(CHECKS)  # every family x (sdpa, eager) x check
     assert all(r[0] == dtype and r[6] == "PASS" for r in rows), [r for r in rows if r[6] != "PASS"]
     assert f"tolerance {dtype}: 5% of the logits' scale" in md
     assert data["counts"]["FAIL"] == 0

@@ -231,5 +231,5 @@ class RankedMethod(PruningMethod):
         return self.name if stages is None else f"{self.name}@{span.stage}"
 
     def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:
-        top = self.ranking(span, config)[: self.keep_count(span, config)]
-        return SpanSelection(top.sort().values, {self.stage_group(span): top})
+        top = self.ranking(span, config)[: self.keep_count(span, config)].sort().values
+        return SpanSelection(top, {self.stage_group(span): top})

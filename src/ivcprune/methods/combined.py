@@ -37,7 +37,7 @@ def with_ivc(base: type[RankedMethod]) -> type[RankedMethod]:
             ranked = self.ranking(span, config)
             fill = ranked[~torch.isin(ranked, ivc)][: max(0, count - ivc.numel())]
             kept = torch.unique(torch.cat([ivc, fill]))
-            groups = {"ivc_cos": cos_idx, "ivc_sin": sin_idx, self.stage_group(span): fill}
+            groups = {"ivc_cos": cos_idx, "ivc_sin": sin_idx, self.stage_group(span): fill.sort().values}
             return SpanSelection(kept, groups)
 
     WithIVC.__name__ = WithIVC.__qualname__ = f"{base.__name__}WithIVC"

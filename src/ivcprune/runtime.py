@@ -527,27 +527,29 @@ class Pruner:
             keys[:, local.to(rotated.device)] = rotated
         return values, hid, attn, keys
 
-    def _rotated_keys(self, st: _Forward, b: int) -> torch.Tensor:
-        """Row ``b``'s keys at the captured layer, rotary applied: ``(Hkv, current slots, d)`` in float32."""
+    def _row_query_key(self, st: _Forward, b: int):
+        """Row ``b`` at the captured layer: ``(slots, q, k, cos, sin)``, its current slots, the last token's
+        queries and every token's keys before the rotary embedding, and the rotary tables of its tokens."""
         layer, hidden, cos, sin = st.attention
         slots = st.valid[b].nonzero().squeeze(1) if st.index is not None else st.real[b]
+        q, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
+        cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
+        sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
+        return slots, q[0], k[0], cb, sb
+
+    def _rotated_keys(self, st: _Forward, b: int) -> torch.Tensor:
+        """Row ``b``'s keys at the captured layer, rotary applied: ``(Hkv, current slots, d)`` in float32."""
         with torch.no_grad():
-            _, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
-            cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
-            sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
-            return apply_rotary(k[0], cb, sb)
+            _, _, k, cos, sin = self._row_query_key(st, b)
+            return apply_rotary(k, cos, sin)
 
     def _last_token_attention(self, st: _Forward, b: int) -> torch.Tensor:
         """Row ``b``'s last token's attention over the current sequence at the captured layer, heads averaged,
         computed from its queries / keys (whatever attention implementation the model runs)."""
-        layer, hidden, cos, sin = st.attention
-        slots = st.valid[b].nonzero().squeeze(1) if st.index is not None else st.real[b]
+        layer, hidden = st.attention[:2]
         with torch.no_grad():
-            q, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
-            cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
-            sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
-            groups = q.shape[1] // k.shape[1]
-            row = last_query_attention(q[0, :, -1], k[0], cb, sb, layer.self_attn.scaling, groups)
+            slots, q, k, cos, sin = self._row_query_key(st, b)
+            row = last_query_attention(q[:, -1], k, cos, sin, layer.self_attn.scaling, q.shape[0] // k.shape[0])
         out = torch.zeros(hidden.shape[1], dtype=row.dtype)
         out[slots] = row.float().cpu()
         return out

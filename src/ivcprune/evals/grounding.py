@@ -96,16 +96,19 @@ def run_cells(r: dict[str, Any]) -> str:
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
-    """One table over several runs; relative accuracy against the unpruned run when there is one."""
+    """One table over several runs; relative accuracy against the unpruned run when there is one; prefill ms
+    is the mean time to the first token per sample (vision encoder included; a batch's prefill when batched)."""
     base = next((r for r in rows if r.get("method") == "none"), None)
     lines = [
-        "| method | budget | K | Acc@0.5 | rel. to unpruned | mean IoU | kept visual | unparseable | n |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | K | Acc@0.5 | rel. to unpruned | mean IoU | kept visual | unparseable | n | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = f"{100 * r['accuracy'] / base['accuracy']:.1f}%" if base and base["accuracy"] else "n/a"
+        prefill = r.get("mean_prefill_s")
         lines.append(
             f"{run_cells(r)} {100 * r['accuracy']:.1f} | {rel} "
-            f"| {r['mean_iou']:.3f} | {100 * r['mean_kept_visual_ratio']:.1f}% | {r['n_unparseable']} | {r['n']} |"
+            f"| {r['mean_iou']:.3f} | {100 * r['mean_kept_visual_ratio']:.1f}% | {r['n_unparseable']} | {r['n']} "
+            f"| {'-' if prefill is None else f'{1000 * prefill:.1f}'} |"
         )
     return "\n".join(lines)

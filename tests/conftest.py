@@ -120,6 +120,15 @@ def mixed_rows(model) -> list[dict]:
     ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (tiny models run fastest so on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def qwen25():
     return make_model("qwen2_5_vl")

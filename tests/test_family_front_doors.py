@@ -26,18 +26,12 @@ from ivcprune.tiles import TileLayout, match_tiling
 from ivcprune.tiny import TOKEN_IDS, build_internvl_processor, build_llava_processor
 
 from benchfix import mmbench_tsv, mme_tsv
+from conftest import FAMILIES
 
-NAMES = {"llava": "tiny-llava-1.5", "internvl": "tiny-internvl"}
+NAMES = {family: FAMILIES[family] for family in ("llava", "internvl")}
 # LLaVA-1.5's preset keeps its union rule: the budget given to every family is ignored there, with a warning
-pytestmark = pytest.mark.filterwarnings("ignore:the LLaVA-1.5 preset uses the union rule")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny models: one thread is fastest on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:the LLaVA-1.5 preset uses the union rule"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -21,17 +20,12 @@ from ivcprune.methods import make_method  # noqa: E402
 from ivcprune.models import load_model, save_tiny_checkpoint  # noqa: E402
 from ivcprune.serve import MethodSpec, ServeConfig, ServerThread  # noqa: E402
 
-NAMES = {"llava": "tiny-llava-1.5", "internvl": "tiny-internvl"}
+from conftest import FAMILIES  # noqa: E402
+
+NAMES = {family: FAMILIES[family] for family in ("llava", "internvl")}
 KNOBS = {"layer": 2, "budget": 0.5}
-pytestmark = pytest.mark.filterwarnings("ignore:the LLaVA-1.5 preset uses the union rule")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny models: one thread is fastest on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:the LLaVA-1.5 preset uses the union rule"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module", params=list(NAMES))

@@ -520,39 +520,37 @@ class Pruner:
         if (self.needs.attention or self.needs.keys) and st.attention is None:
             raise RuntimeError("attention inputs of the layer before the stage were not captured")
         if self.needs.attention:
-            attn = scatter(self._last_token_attention(st, b), 0)
+            row = self._last_token_attention(st, b, slots)
+            attn = row.new_zeros(n)
+            attn[local] = row
         if self.needs.keys:
-            rotated = self._rotated_keys(st, b)  # over the row's current slots
+            rotated = self._rotated_keys(st, b, slots)
             keys = rotated.new_zeros(rotated.shape[0], n, rotated.shape[2])
             keys[:, local.to(rotated.device)] = rotated
         return values, hid, attn, keys
 
-    def _row_query_key(self, st: _Forward, b: int):
-        """Row ``b`` at the captured layer: ``(slots, q, k, cos, sin)``, its current slots, the last token's
-        queries and every token's keys before the rotary embedding, and the rotary tables of its tokens."""
+    def _row_query_key(self, st: _Forward, b: int, slots: torch.Tensor):
+        """Row ``b`` (its current ``slots``) at the captured layer: ``(q, k, cos, sin)``, the last token's queries
+        and every token's keys before the rotary embedding, and the rotary tables of its tokens."""
         layer, hidden, cos, sin = st.attention
-        slots = st.valid[b].nonzero().squeeze(1) if st.index is not None else st.real[b]
         q, k = self.adapter.query_key(layer, hidden[b : b + 1, slots.to(hidden.device)])
         cb = cos[b if cos.shape[0] > 1 else 0][slots.to(cos.device)]
         sb = sin[b if sin.shape[0] > 1 else 0][slots.to(sin.device)]
-        return slots, q[0], k[0], cb, sb
+        return q[0], k[0], cb, sb
 
-    def _rotated_keys(self, st: _Forward, b: int) -> torch.Tensor:
-        """Row ``b``'s keys at the captured layer, rotary applied: ``(Hkv, current slots, d)`` in float32."""
+    def _rotated_keys(self, st: _Forward, b: int, slots: torch.Tensor) -> torch.Tensor:
+        """Row ``b``'s keys at the captured layer, rotary applied: ``(Hkv, slots, d)`` in float32."""
         with torch.no_grad():
-            _, _, k, cos, sin = self._row_query_key(st, b)
+            _, k, cos, sin = self._row_query_key(st, b, slots)
             return apply_rotary(k, cos, sin)
 
-    def _last_token_attention(self, st: _Forward, b: int) -> torch.Tensor:
-        """Row ``b``'s last token's attention over the current sequence at the captured layer, heads averaged,
-        computed from its queries / keys (whatever attention implementation the model runs)."""
-        layer, hidden = st.attention[:2]
+    def _last_token_attention(self, st: _Forward, b: int, slots: torch.Tensor) -> torch.Tensor:
+        """Row ``b``'s last token's attention over its current ``slots`` at the captured layer, heads averaged,
+        computed from its queries / keys (whatever attention implementation the model runs); float32, CPU."""
+        scaling = st.attention[0].self_attn.scaling
         with torch.no_grad():
-            slots, q, k, cos, sin = self._row_query_key(st, b)
-            row = last_query_attention(q[:, -1], k, cos, sin, layer.self_attn.scaling, q.shape[0] // k.shape[0])
-        out = torch.zeros(hidden.shape[1], dtype=row.dtype)
-        out[slots] = row.float().cpu()
-        return out
+            q, k, cos, sin = self._row_query_key(st, b, slots)
+            return last_query_attention(q[:, -1], k, cos, sin, scaling, q.shape[0] // k.shape[0]).float().cpu()
 
     def _stage(self, st: _Forward, idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Select before layer ``idx``; returns the gather index over the current sequence (None: nothing

@@ -207,7 +207,7 @@ class IVCPrune(PruningMethod):
         priority: list[torch.Tensor] = []
 
         if ablation != "no_ivc":
-            cos_s, sin_s = self._ivc_scores(span, config)
+            cos_s, sin_s = span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
             if ablation == "ivc_only":
                 ranked = [sel.stable_topk(s, L) for s in (cos_s, sin_s)]
                 groups["ivc_cos"], groups["ivc_sin"] = sel.interleave_rankings(ranked, target)
@@ -233,9 +233,6 @@ class IVCPrune(PruningMethod):
             kept, groups["foreground"] = sel.fill_to_budget(L, priority, fg, target)
         return SpanSelection(kept, groups, note)
 
-    def _ivc_scores(self, span: SpanInput, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
-
     def _select_tiles(self, span: SpanInput, config: dict[str, Any], target: int) -> SpanSelection:
         """InternVL's scheme (:func:`ivcprune.tiles.tile_selection`): seeds and foreground ranked on the
         thumbnail, whose share of kept tokens follows the budget (the release fixes both at 50%)."""
@@ -243,7 +240,7 @@ class IVCPrune(PruningMethod):
         n_seed = sel.ratio_count(config["seed_ratio"], layout.tile_tokens)
         if config["min_one_seed"]:
             n_seed = max(1, n_seed)
-        cos_s, sin_s = self._ivc_scores(span, config)
+        cos_s, sin_s = span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
         fg, seeds, note = self._foreground(span, config, n_seed, part=(layout.thumbnail_start, layout.tile_tokens))
         chosen = tiles_mod.tile_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
                                           thumbnail_ratio=target / span.length, target=target)

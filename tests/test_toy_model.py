@@ -68,3 +68,41 @@ def test_cli_eval_on_the_embedded_model(tmp_path, capsys):
     assert metrics["model"] == "toy" and 0 <= metrics["accuracy"] <= 1
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["visual_kept"] == 128 for x in lines)
+
+
+def test_hit_chance_matches_counting():
+    from itertools import combinations
+
+    from ivcprune.toy.evaluate import _hit_chance
+
+    length, kept, target = 8, 3, 2
+    draws = list(combinations(range(length), kept))
+    expected = sum(any(i < target for i in d) for d in draws) / len(draws)
+    assert _hit_chance(length, kept, target) == pytest.approx(expected)
+
+
+def test_target_hit_rates_read_the_selection_of_each_signal(shipped):
+    from ivcprune.methods import make_method
+    from ivcprune.toy.evaluate import target_hit_rates
+    from ivcprune.toy.train import object_cells
+
+    model, processor = shipped
+    samples = [synth.make_sample(0, "test", i) for i in range(3)]
+    whole = target_hit_rates(model, processor, samples, top=1.0)
+    assert all(v["hit"] == v["recall"] == v["chance_hit"] == v["chance_recall"] == 1.0 for v in whole.values())
+    rates = target_hit_rates(model, processor, samples, top=0.2, signals={"foreground": "no_ivc"})
+    # by hand: the foreground-only selection at 20%, and the target's share in it
+    recall = []
+    for s in samples:
+        from ivcprune.inputs import build_inputs, user_message
+
+        method = make_method("no_ivc", budget=0.2, layer=3)
+        inputs, _ = build_inputs(processor, user_message(s.question, [s.image]))
+        with method(model):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        span = method.last_report.spans[0]
+        kept = {p - span.start for g in span.groups.values() for p in g.tolist()}
+        cells = object_cells(s)[s.box].tolist()
+        recall.append(sum(c in kept for c in cells) / len(cells))
+    assert rates["foreground"]["recall"] == pytest.approx(sum(recall) / 3)
+    assert rates["foreground"]["chance_recall"] == pytest.approx(51 / 256)

@@ -13,7 +13,8 @@ from ivcprune.tiny import TOKEN_IDS
 
 # every registered family, by its tiny test config
 FAMILIES = {mt: next(n for n in cls.random_configs if n.startswith("tiny-")) for mt, cls in REGISTERED.items()}
-QWEN = ("qwen2_5_vl", "qwen2_vl")
+QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+FRAME_BLOCKS = ("qwen3_vl", "qwen3_vl_moe")  # a video is one <vs> ... <ve> block per frame, after a timestamp
 
 IMG = TOKEN_IDS["image_token_id"]
 VID = TOKEN_IDS["video_token_id"]
@@ -42,7 +43,11 @@ def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9
     pix, vpix, grids, vgrids = [], [], [], []
     for kind, t, h, w in media:
         n = t * h * w // 4
-        ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
+        if kind == "video" and cfg.model_type in FRAME_BLOCKS:  # "<0.5 seconds>" text, then the frame's block
+            for _ in range(t):
+                ids += torch.randint(3, 250, (3,), generator=g).tolist() + [VS] + [VID] * (n // t) + [VE]
+        else:
+            ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
         ids += torch.randint(3, 250, (2,), generator=g).tolist()
         (pix if kind == "image" else vpix).append(torch.randn(t * h * w, patch_dim, generator=g))
         (grids if kind == "image" else vgrids).append([t, h, w])

@@ -251,6 +251,10 @@ class Pruner:
         for module, kind, fn in (method.model_hooks(self.adapter, config) if hasattr(method, "model_hooks") else ()):
             register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
             self._handles.append(register(_Hook(fn), with_kwargs=True))
+        # the family's hooks for model code that must follow the cut (e.g. Qwen3-VL's DeepStack additions)
+        for module, kind, fn in a.cut_hooks(self.current_cut):
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            self._handles.append(register(_Hook(fn), with_kwargs=True))
         # captures after the cutting hooks, so that a later stage's capture sees the cut sequence
         if self.needs.attention and self.needs.attention_at not in (-1, 0):
             raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
@@ -279,6 +283,12 @@ class Pruner:
     @_state.setter
     def _state(self, value: _Forward | None) -> None:
         self._local.state = value
+
+    def current_cut(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In the forwarding thread: ``(index, valid)``, the ``(B, M)`` slots of the current sequence over this
+        forward's uncut chunk and their validity; ``None`` while nothing is cut."""
+        st = self._state
+        return None if st is None or st.index is None else (st.index, st.valid)
 
     # -- forward entry / exit --------------------------------------------------------------------
     def _entry_pre(self, module, args, kwargs):

@@ -12,9 +12,11 @@ from torch import nn
 from .base import Adapter, Family, RopeInfo, Span, UnsupportedModelError
 from .internvl import InternVL
 from .llava import Llava
+from .qwen3_vl import Qwen3VL, Qwen3VLMoe
 from .qwen_vl import Qwen2VL, Qwen25VL
 
 FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL, Llava, InternVL)}
+FAMILIES.update({cls.model_type: cls for cls in (Qwen3VL, Qwen3VLMoe)})
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -43,6 +43,9 @@ class RopeInfo:
     attention_scaling: float
     mrope_section: tuple[int, ...] | None  # frequencies per axis for M-RoPE, None for 1-D RoPE
     dtype: torch.dtype = torch.float32  # the model's: rotary cos/sin are cast to it (authors' numerics)
+    # the axis of each frequency where M-RoPE does not give them in contiguous sections (Qwen3-VL's interleaved
+    # layout); None: contiguous sections of ``mrope_section``
+    axis_of_freq: tuple[int, ...] | None = None
 
 
 MCQ_INSTRUCTION = {"en": "Please select the correct answer from the options above.", "zh": "请直接回答选项字母。"}
@@ -242,6 +245,20 @@ class Family:
         raise UnsupportedModelError(
             f"{self.display_name}'s vision tower has no CLS token whose attention could rank its visual tokens"
         )
+
+    @property
+    def feature_layers(self) -> int:
+        """Leading decoder layers after which the model still adds visual features to the hidden states
+        (Qwen3-VL's DeepStack); presets prune after them. 0 for most families."""
+        return 0
+
+    def cut_hooks(self, current_cut) -> list[tuple[nn.Module, str, Any]]:
+        """``(module, "pre" | "post", fn)`` hooks (with kwargs) the family needs while a pruner is applied, for
+        model code that must follow the cut sequence (e.g. features added at visual positions inside the
+        decoder). ``current_cut()``, called in the forwarding thread, returns ``(index, valid)``: the ``(B, M)``
+        slots of the current sequence over this forward's uncut one, or ``None`` while nothing is cut. None
+        by default."""
+        return []
 
     def split_heads(self, value_out: torch.Tensor) -> torch.Tensor:
         """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""

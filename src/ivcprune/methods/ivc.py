@@ -91,7 +91,7 @@ def span_ivc_scores(span: SpanInput, statistic: str = "authors", numerics: str =
     rope = span.rope
     return sel.ivc_scores(span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
                           statistic=statistic, mrope_section=rope.mrope_section, numerics=numerics,
-                          model_dtype=rope.dtype)
+                          model_dtype=rope.dtype, axis_of_freq=rope.axis_of_freq)
 
 
 def ivc_tokens(span: SpanInput, ratio: float, statistic: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -184,6 +185,38 @@ class QwenMedia(Media):
                 for o, im in zip(originals, images)]
 
 
+class Qwen3Media(QwenMedia):
+    """Qwen3-VL: as Qwen-VL (qwen-vl-utils resizing with 16-pixel patches); videos go to the processor with their
+    frame metadata (qwen-vl-utils' sampled frames), from which it writes each frame's timestamp."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def __init__(self):
+        self._local = threading.local()  # the frame metadata of the videos of the batch being prepared
+
+    def prepare(self, processor, conversations, **kwargs) -> Prepared:
+        self._local.metadata = []
+        return super().prepare(processor, conversations, **kwargs)
+
+    def videos(self, items, patch):
+        if not items:
+            return []
+        from qwen_vl_utils import process_vision_info
+
+        _, vids, _ = process_vision_info([{"role": "user", "content": list(items)}], image_patch_size=patch,
+                                         return_video_kwargs=True, return_video_metadata=True)
+        frames, metadata = zip(*vids)
+        self._local.metadata += list(metadata)
+        return list(frames)
+
+    def processor_kwargs(self, max_tiles):
+        kwargs = super().processor_kwargs(max_tiles)
+        metadata = getattr(self._local, "metadata", None)
+        if metadata:  # frames already sampled by qwen-vl-utils; their metadata gives the timestamps
+            kwargs.update(video_metadata=metadata, do_sample_frames=False)
+        return kwargs
+
+
 class LlavaMedia(Media):
     """LLaVA-1.5: the processor sizes the images; seen = the image as the tower sees it."""
 
@@ -249,8 +282,10 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
 
 
 MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
+MEDIA.update({t: Qwen3Media() for t in Qwen3Media.model_types})
 # processors whose family their class tells (callers that pass a processor alone)
 PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
+PROCESSOR_TYPES["Qwen3VLProcessor"] = "qwen3_vl"
 
 
 def media_for(model_type: str | None = None, processor=None) -> Media:

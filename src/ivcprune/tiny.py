@@ -1,6 +1,6 @@
 """A small fast tokenizer with Qwen-VL's special tokens and chat format, and real processors around it
-(tiny checkpoints with random weights are :func:`ivcprune.models.save_tiny_checkpoint`'s): Qwen-VL's, and
-LLaVA-1.5's and InternVL's with their own spellings of the same token ids (:func:`processor_for_config`).
+(tiny checkpoints with random weights are :func:`ivcprune.models.save_tiny_checkpoint`'s): Qwen-VL's (Qwen3-VL's
+too), and LLaVA-1.5's and InternVL's with their own spellings of the same token ids (:func:`processor_for_config`).
 
 Everything here is built locally, so tests, benchmarks and demos run offline:
 ``AutoProcessor.from_pretrained(dir)`` loads the result exactly as it loads a downloaded checkpoint's.
@@ -115,6 +115,29 @@ def build_processor(model_type: str = "qwen2_5_vl", *, min_pixels: int = 4 * 28 
     )
 
 
+# Qwen3-VL's chat format: Qwen-VL's turns and media, without a default system turn.
+QWEN3_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n{% endif %}",
+    "")
+
+
+def build_qwen3_vl_processor(*, min_pixels: int = 4 * 32 * 32, max_pixels: int = 448 * 448, patch_size: int = 16,
+                             merge_size: int = 2):
+    """Qwen3-VL's processor as its checkpoints configure it: Qwen2-VL's image processor with 16-pixel patches and
+    mean/std 0.5, Qwen3-VL's video processor (every frame its own block after a ``<t seconds>`` timestamp), the
+    tiny tokenizer and Qwen3-VL's chat format."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
+                                            merge_size=merge_size, temporal_patch_size=2, **norm)
+    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                            patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                            cap_pixels_per_frame=True, **norm)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), video_processor=video_processor,
+                            chat_template=QWEN3_VL_CHAT_TEMPLATE)
+
+
 # LLaVA-1.5's chat format as llava-hf's checkpoints write it: "USER: <image>\n{text} ASSISTANT:", a system turn
 # as plain text before it, earlier answers as "ASSISTANT: {answer} ".
 LLAVA_CHAT_TEMPLATE = (
@@ -201,4 +224,6 @@ def processor_for_config(config, **kwargs):
                                      vision_feature_select_strategy=config.vision_feature_select_strategy, **kwargs)
     if model_type == "internvl":
         return build_internvl_processor(vc.image_size[0], config.image_seq_length, **kwargs)
+    if model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        return build_qwen3_vl_processor(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, **kwargs)
     return build_processor(model_type, **kwargs)

@@ -101,6 +101,21 @@ class Qwen3VL(QwenVL):
     }
 
     @classmethod
+    def build_config(cls, spec: dict[str, Any], overrides: dict[str, Any] | None = None):
+        """As Qwen-VL; a vision tower made shallower than its DeepStack layers (``--set vision.depth=4``) keeps as
+        many DeepStack layers at the same relative depths (``[8, 16, 24]`` of 27 -> ``[1, 2, 3]`` of 4), so that
+        reduced random models still add visual features after the first decoder layers."""
+        config = super().build_config(spec, overrides)
+        vc = config.vision_config
+        indexes = list(vc.deepstack_visual_indexes or ())
+        if indexes and max(indexes) >= vc.depth:
+            full = int(spec["vision"]["depth"])
+            scaled = sorted({min(vc.depth - 1, round(i * vc.depth / full)) for i in indexes})
+            vc.deepstack_visual_indexes = scaled if len(scaled) == len(indexes) else list(range(min(len(indexes),
+                                                                                                    vc.depth)))
+        return config
+
+    @classmethod
     def model_classes(cls):
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 

@@ -73,6 +73,16 @@ _BY_ANALOGY = dict(rule="fill", softmax_domain="span", min_one_seed=True,
                         "to 50% by foreground, similarity softmax over the span")
 
 
+# By-analogy presets with family-specific notes (still the _BY_ANALOGY rule and knobs).
+_ANALOGY_NOTES = {
+    model_type: f"by analogy, not validated: {name}: K at Qwen2.5-VL's depth (16 of 28, 22 of 36; 16/28 elsewhere, "
+                "27 of 48 for the 30B-A3B) and never before the DeepStack additions end (K >= 3 on the released "
+                "checkpoints, which add after layers 0-2); IVC 10% + 10% with the interleaved M-RoPE layout, seeds 1% (at least 1), fill to 50% by "
+                "foreground from the attention block's value vectors, similarity softmax over the span"
+    for model_type, name in (("qwen3_vl", "Qwen3-VL"), ("qwen3_vl_moe", "Qwen3-VL-MoE"))
+}
+
+
 def preset_for(model_type: str, num_layers: int) -> Preset:
     """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers; a
     preset by analogy for supported families the paper did not cover."""
@@ -80,6 +90,8 @@ def preset_for(model_type: str, num_layers: int) -> Preset:
         fields = _PRESETS[model_type]
     elif model_type in FAMILIES:
         fields = dict(_BY_ANALOGY, family=FAMILIES[model_type].display_name)
+        if model_type in _ANALOGY_NOTES:
+            fields["note"] = _ANALOGY_NOTES[model_type]
     else:
         raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(FAMILIES)}")
     fields = dict(dict(ivc_ratio=0.10, foreground_ratio=0.40), **fields)
@@ -175,7 +187,9 @@ class IVCPrune(PruningMethod):
         return Needs(values=config["ablation"] not in ("no_foreground", "ivc_only"), value_input=config["value_input"])
 
     def default_layer(self, adapter: Adapter) -> int:
-        return preset_for(adapter.model_type, adapter.num_layers).layer
+        # never before a layer that still adds visual features (Qwen3-VL's DeepStack), within the model
+        layer = preset_for(adapter.model_type, adapter.num_layers).layer
+        return min(max(layer, adapter.feature_layers), adapter.num_layers - 1)
 
     def resolve(self, adapter: Adapter) -> dict[str, Any]:
         cfg = super().resolve(adapter)
@@ -191,7 +205,9 @@ class IVCPrune(PruningMethod):
                      "tile_scheme"):
             if cfg[knob] is None:
                 cfg[knob] = getattr(preset, knob)
-        cfg.update(rule=rule, preset=preset.family, authors_mean=preset.authors_mean)
+        by_analogy = preset.note.startswith("by analogy")  # reports say which presets are not the authors'
+        cfg.update(rule=rule, preset=preset.family + (" (by analogy, not validated)" if by_analogy else ""),
+                   authors_mean=preset.authors_mean)
         return cfg
 
     def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:

@@ -262,7 +262,8 @@ def test_random_configs_have_the_released_shapes():
     c = random_config("qwen3-vl-30b-a3b")
     t, v = c.text_config, c.vision_config
     assert (c.model_type, t.num_hidden_layers, t.hidden_size, t.num_experts, t.num_experts_per_tok,
-            t.moe_intermediate_size, t.num_key_value_heads, t.head_dim) == ("qwen3_vl_moe", 48, 2048, 128, 8, 768, 4, 128)
+            t.moe_intermediate_size, t.num_key_value_heads, t.head_dim) == \
+        ("qwen3_vl_moe", 48, 2048, 128, 8, 768, 4, 128)
     assert (v.out_hidden_size, list(v.deepstack_visual_indexes)) == (2048, [8, 16, 24])
     # a reduced tower keeps three DeepStack layers at the same relative depths
     assert list(random_config("qwen3-vl-8b", {"vision.depth": 4}).vision_config.deepstack_visual_indexes) == [1, 2, 3]

@@ -99,7 +99,8 @@ def _frequency_axes(n_axes: int, n_freq: int, mrope_section: Sequence[int] | Non
             f"statistic='applied' needs an mrope_section over {n_axes} axes summing to "
             f"{n_freq} frequencies, got {mrope_section}"
         )
-    return torch.repeat_interleave(torch.arange(n_axes, device=device), torch.tensor(list(mrope_section), device=device))
+    sizes = torch.tensor(list(mrope_section), device=device)
+    return torch.repeat_interleave(torch.arange(n_axes, device=device), sizes)
 
 
 def ivc_scores(

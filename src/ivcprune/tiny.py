@@ -117,8 +117,8 @@ def build_processor(model_type: str = "qwen2_5_vl", *, min_pixels: int = 4 * 28 
 
 # Qwen3-VL's chat format: Qwen-VL's turns and media, without a default system turn.
 QWEN3_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n{% endif %}",
-    "")
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM
+    + "<|im_end|>\n{% endif %}", "")
 
 
 def build_qwen3_vl_processor(*, min_pixels: int = 4 * 32 * 32, max_pixels: int = 448 * 448, patch_size: int = 16,
@@ -134,8 +134,8 @@ def build_qwen3_vl_processor(*, min_pixels: int = 4 * 32 * 32, max_pixels: int =
     video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                                             patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
                                             cap_pixels_per_frame=True, **norm)
-    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), video_processor=video_processor,
-                            chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                            video_processor=video_processor, chat_template=QWEN3_VL_CHAT_TEMPLATE)
 
 
 # LLaVA-1.5's chat format as llava-hf's checkpoints write it: "USER: <image>\n{text} ASSISTANT:", a system turn

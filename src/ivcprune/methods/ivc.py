@@ -77,8 +77,9 @@ _BY_ANALOGY = dict(rule="fill", softmax_domain="span", min_one_seed=True,
 _ANALOGY_NOTES = {
     model_type: f"by analogy, not validated: {name}: K at Qwen2.5-VL's depth (16 of 28, 22 of 36; 16/28 elsewhere, "
                 "27 of 48 for the 30B-A3B) and never before the DeepStack additions end (K >= 3 on the released "
-                "checkpoints, which add after layers 0-2); IVC 10% + 10% with the interleaved M-RoPE layout, seeds 1% (at least 1), fill to 50% by "
-                "foreground from the attention block's value vectors, similarity softmax over the span"
+                "checkpoints, which add after layers 0-2); IVC 10% + 10% with the interleaved M-RoPE layout, seeds 1% "
+                "(at least 1), fill to 50% by foreground from the attention block's value vectors, similarity "
+                "softmax over the span"
     for model_type, name in (("qwen3_vl", "Qwen3-VL"), ("qwen3_vl_moe", "Qwen3-VL-MoE"))
 }
 

@@ -1,0 +1,224 @@
+"""Every front door on Qwen3-VL (dense and MoE): tiny checkpoints saved with transformers' real Qwen3VLProcessor
+(16-pixel patches, frame timestamps, ``mm_token_type_ids``), ``ivcprune generate`` with pictures, batches (images,
+several images, a video, no image) equal to one-by-one, ``bench``, ``eval`` on grounding + multiple choice +
+yes/no, lmms-eval's ``generate_until``, the server; grounding answers in Qwen3-VL's 0-1000 JSON frame."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivcprune.boxes import parse_box
+from ivcprune.cli import main
+from ivcprune.evals.grounding import authors_to_original, grounding_record, to_original
+from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
+from ivcprune.families import FAMILIES as REGISTERED
+from ivcprune.generation import Request, generate_batch
+from ivcprune.inputs import build_inputs, user_message
+from ivcprune.methods import make_method
+from ivcprune.models import load_model, save_tiny_checkpoint
+
+from benchfix import mmbench_tsv, mme_tsv
+
+NAMES = {"qwen3_vl": "tiny-qwen3-vl", "qwen3_vl_moe": "tiny-qwen3-vl-moe"}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    return {family: save_tiny_checkpoint(root / name, name, init_std=0.15) for family, name in NAMES.items()}
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    return {family: load_model(str(path)) for family, path in checkpoints.items()}
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.BILINEAR)
+
+
+def frames(n: int = 4, seed: int = 0) -> list[Image.Image]:
+    return [smooth_image(96, 64, seed + i) for i in range(n)]
+
+
+def test_processor_expands_images_and_videos_as_the_model_expects(loaded):
+    model, processor = loaded["qwen3_vl"]
+    assert type(processor).__name__ == "Qwen3VLProcessor" and processor.image_processor.patch_size == 16
+    messages = user_message("What is it?", [smooth_image(300, 200)], [frames()])
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")  # no default system turn
+    inputs, seen = build_inputs(processor, messages, image_patch_size=16, model_type="qwen3_vl")
+    ids = inputs["input_ids"][0]
+    (g,) = inputs["image_grid_thw"].tolist()
+    assert int((ids == model.config.image_token_id).sum()) == g[0] * g[1] * g[2] // 4
+    assert seen[0].size == (g[2] * 16, g[1] * 16)  # qwen-vl-utils' resize to multiples of 32 pixels
+    (v,) = inputs["video_grid_thw"].tolist()
+    decoded = processor.tokenizer.decode(ids)
+    assert v[0] == 2 and decoded.count(" seconds>") == 2  # two temporal patches, each after its timestamp
+    mm = inputs["mm_token_type_ids"][0]
+    assert torch.equal(mm == 1, ids == model.config.image_token_id) and torch.equal(mm == 2, ids == model.config.video_token_id)
+    with torch.no_grad():
+        model(**inputs)  # the model accepts it as it is
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+def test_generate_writes_answer_report_and_picture(family, checkpoints, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    smooth_image(300, 200).save(image)
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(checkpoints[family]), "--image", str(image), "--prompt", "What is it?",
+               "--method", "ivc", "--budget", "0.5", "--max-new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    answer = (out / "answer.txt").read_text()[:-1]
+    assert printed.startswith(answer + "\n\n") and "visual tokens" in printed
+    report = json.loads((out / "report.json").read_text())["ivc"]["report"]
+    span = report["spans"][0]
+    assert report["pruned"] and report["layer"] == 3  # the preset: after DeepStack's additions
+    assert "by analogy" in report["config"]["preset"]
+    assert span["grid"] == [1, 6, 9] and span["kept"] == 27  # 300x200 -> 288x192 pixels, 32 per token
+    with Image.open(out / "kept_tokens_0.png") as pic:
+        assert pic.width > 2 * 192
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+def test_batch_equals_one_by_one(family, loaded):
+    model, processor = loaded[family]
+    method = make_method("ivc", layer=2, budget=0.5)  # before DeepStack's last addition: the cut follows it
+    requests = [Request([smooth_image(300, 200, 1)], "What is it?"),
+                Request([], "Say something."),
+                Request([smooth_image(200, 200, 3), smooth_image(400, 120, 4)], "Compare them."),
+                Request([], "What happens?", videos=[frames(4, 5)])]
+    alone = [generate_batch(model, processor, [r], method, max_new_tokens=5)[0] for r in requests]
+    batch = generate_batch(model, processor, requests, method, max_new_tokens=5)
+    for a, b in zip(alone, batch, strict=True):
+        assert b.tokens == a.tokens and torch.equal(b.prompt_ids, a.prompt_ids)
+        assert torch.equal(b.report.kept, a.report.kept)
+        assert [s.to_dict() for s in b.report.spans] == [s.to_dict() for s in a.report.spans]
+    assert batch[0].report.pruned and not batch[1].report.pruned and len(batch[2].report.spans) == 2
+    assert [s.kind for s in batch[3].report.spans] == ["video", "video"]  # one span per frame
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+def test_bench(family, checkpoints, capsys):
+    rc = main(["bench", "--model", str(checkpoints[family]), "--image-tokens", "64", "--repeats", "1", "--warmup", "0",
+               "--new-tokens", "3", "--layer", "2", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["seq_len"] > row["kept_len"] and row["pruned"]["prefill_s"] > 0
+
+
+def test_bench_random_reduced(capsys):
+    rc = main(["bench", "--model", "random:qwen3-vl-30b-a3b", "--set", "num_hidden_layers=4", "--set", "hidden_size=64",
+               "--set", "num_attention_heads=2", "--set", "num_key_value_heads=1", "--set", "head_dim=32",
+               "--set", "moe_intermediate_size=16", "--set", "num_experts=8", "--set", "num_experts_per_tok=2",
+               "--set", "vision.depth=4", "--set", "vision.hidden_size=32", "--set", "vision.intermediate_size=64",
+               "--set", "vision.num_heads=2", "--image-tokens", "16", "--repeats", "1", "--warmup", "0",
+               "--new-tokens", "2", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["seq_len"] > row["kept_len"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
+                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
+    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+
+
+def test_eval_grounding_mcq_yesno(checkpoints, datasets, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["eval", "--model", str(checkpoints["qwen3_vl"]), "--data", ",".join(map(str, datasets)), "--method",
+               "ivc", "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
+        m = json.loads((out / bench / "metrics.json").read_text())
+        assert m["task"] == task and m["score"] is not None and m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
+        assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
+        info = json.loads((out / bench / "run.json").read_text())
+        assert info["style"] == "qwen3_vl"
+        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    prompt = json.loads((out / "ground" / "run.json").read_text())["prompt"]
+    assert prompt == "Locate {ref} in the image and output its bbox coordinates in JSON format."
+
+
+def test_lmms_eval_generate_until(checkpoints):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from ivcprune.integrations.lmms_eval import IVCPruneLMM
+
+    lm = IVCPruneLMM(pretrained=str(checkpoints["qwen3_vl_moe"]), method="ivc", layer=2, budget=0.5, batch_size=2)
+    docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": smooth_image(150, 300, 6), "q": "Why?"},
+            {"image": None, "q": "Hello."}]
+    lm.task_dict = {"t": {"test": docs}}
+
+    def visual(doc):
+        return [doc["image"]] if doc["image"] is not None else []
+
+    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
+                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
+                for i, d in enumerate(docs)]
+    answers = lm.generate_until(requests)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    assert reports[0]["visual_tokens"] > reports[0]["visual_kept"] > 0 and reports[2]["visual_tokens"] == 0
+
+
+def test_serve(loaded):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import base64
+    import io
+
+    from ivcprune.serve import MethodSpec, ServeConfig, ServerThread
+
+    model, processor = loaded["qwen3_vl"]
+    buf = io.BytesIO()
+    image = smooth_image(300, 200, 7)
+    image.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    ref = generate_batch(model, processor, [Request([image], "What is it?")], make_method("ivc", layer=2, budget=0.5),
+                         max_new_tokens=5)[0]
+    config = ServeConfig("tiny", MethodSpec.of("ivc", {"layer": 2, "budget": 0.5}), max_batch_size=2)
+    with ServerThread(model, processor, config) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=5)
+    assert resp.choices[0].message.content == ref.text
+    assert resp.pruning["images"] == [{"visual_tokens": s.length, "visual_kept": s.kept} for s in ref.report.spans]
+
+
+# -- boxes in Qwen3-VL's 0-1000 frame --------------------------------------------------------------------------
+def test_family_box_format_and_frame():
+    for family in NAMES:
+        cls = REGISTERED[family]
+        assert (cls.box_format, cls.box_frame, cls.image_patch_size) == ("bbox_2d", "1000", 16)
+
+
+@pytest.mark.parametrize("text", [
+    '```json\n[\n\t{"bbox_2d": [100, 500, 300, 1000], "label": "the dog"}\n]\n```',
+    '{"bbox_2d": [100, 500, 300, 1000], "label": "the dog"}',
+])
+@pytest.mark.parametrize("parser", ["authors", "lenient"])
+def test_grounding_answers_in_the_1000_frame(text, parser):
+    assert parse_box(text, "bbox_2d", parser) == (100, 500, 300, 1000)
+    # 0-1000 of the original image, whatever size the model saw
+    assert to_original((100, 500, 300, 1000), "qwen3_vl", (288, 224), (640, 480)) == pytest.approx((64, 240, 192, 480))
+    assert authors_to_original((100, 500, 300, 1000), "qwen3_vl_moe", (288, 224), (640, 480)) == \
+        pytest.approx((64, 240, 192, 480))
+    rec = grounding_record("s", "the dog", text, (64, 240, 192, 480), "qwen3_vl", (288, 224), (640, 480),
+                           parser=parser)
+    assert rec["hit"] and rec["iou"] == pytest.approx(1.0) and rec["box_model"] == [100, 500, 300, 1000]

@@ -64,7 +64,8 @@ def test_processor_expands_images_and_videos_as_the_model_expects(loaded):
     decoded = processor.tokenizer.decode(ids)
     assert v[0] == 2 and decoded.count(" seconds>") == 2  # two temporal patches, each after its timestamp
     mm = inputs["mm_token_type_ids"][0]
-    assert torch.equal(mm == 1, ids == model.config.image_token_id) and torch.equal(mm == 2, ids == model.config.video_token_id)
+    assert torch.equal(mm == 1, ids == model.config.image_token_id)
+    assert torch.equal(mm == 2, ids == model.config.video_token_id)
     with torch.no_grad():
         model(**inputs)  # the model accepts it as it is
 

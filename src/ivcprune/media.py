@@ -6,7 +6,8 @@ Input building is a family decision (:func:`media_for`, keyed by ``config.model_
   message, multiples of 28 pixels) and the processor takes the result as it is;
 - LLaVA-1.5: the images as given; the processor resizes (and pads or centre-crops) them to the tower's size;
 - InternVL: the images as given; the processor cuts them into tiles (at most ``max_tiles``, when given, else
-  the processor's own ``max_patches``) plus a thumbnail.
+  the processor's own ``max_patches``) plus a thumbnail;
+- LLaVA-OneVision: the images as given; the processor makes a base view and the tiles of its pinpoint grid.
 
 What a picture draws on (``seen``) and where an original image's pixels land on it (:class:`ImageView`):
 Qwen-VL the resized image; LLaVA the image as the tower sees it (padded to a square or centre-cropped, then
@@ -211,6 +212,13 @@ class InternVLMedia(Media):
                 for im in originals]
 
 
+class OnevisionMedia(Media):
+    """LLaVA-OneVision: the processor takes the images as given (base view + tiles); seen = the original, which
+    both views cover whole (see :class:`~ivcprune.tiles.AnyResLayout` in the report's span)."""
+
+    model_types = ("llava_onevision",)
+
+
 def _size_of(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
@@ -249,8 +257,10 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
 
 
 MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
+MEDIA["llava_onevision"] = OnevisionMedia()
 # processors whose family their class tells (callers that pass a processor alone)
 PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
+PROCESSOR_TYPES["LlavaOnevisionProcessor"] = "llava_onevision"
 
 
 def media_for(model_type: str | None = None, processor=None) -> Media:

@@ -228,7 +228,8 @@ def build_onevision_processor(image_size: int = 384, patch_size: int = 14, *, im
     video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
     side = image_size // patch_size
     return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   video_processor=video_processor, num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                   video_processor=video_processor, num_image_tokens=side * side,
+                                   vision_feature_select_strategy="full",
                                    vision_aspect_ratio=vision_aspect_ratio, chat_template=ONEVISION_CHAT_TEMPLATE)
 
 

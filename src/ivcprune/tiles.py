@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -190,8 +191,8 @@ class AnyResLayout:
     """An AnyRes image span: the base view (the whole image at one tile's resolution, ``side x side`` tokens,
     no separators), then the high-resolution mosaic of the image's tiles, unpadded to the
     image's aspect ratio (and downsampled when too large) to ``rows x cols`` tokens, each row followed by a
-    newline token. Without a mosaic (``rows == 0``: an image of a multi-image prompt) one newline follows
-    the base view.
+    newline token. An untiled image (``tiled=False``: an image of a multi-image prompt) is its base view and
+    one newline. (A sliver of an image may unpad to rows without columns, or to nothing: ``rows == 0``.)
 
     Two coordinate systems: *span* indices (``0 .. length-1``, newlines included, as the tokens sit in the
     prompt) and *content* indices (``0 .. content-1``, newlines left out: the base view, then the mosaic
@@ -201,11 +202,16 @@ class AnyResLayout:
     side: int
     rows: int = 0
     cols: int = 0
+    tiled: bool = True  # False: an image of a multi-image prompt (base view and one newline)
 
     def __post_init__(self):
-        if self.side < 1 or self.rows < 0 or self.cols < 0 or (self.rows == 0) != (self.cols == 0):
-            raise ValueError(f"an AnyRes layout needs side >= 1 and a mosaic of rows, cols both > 0 or both 0, "
-                             f"got {self}")
+        if self.side < 1 or self.rows < 0 or self.cols < 0 or (self.rows == 0 and self.cols) or \
+                (not self.tiled and self.rows):
+            raise ValueError(f"an AnyRes layout needs side >= 1, rows >= 0, cols >= 0 (0 without rows) and no rows "
+                             f"when untiled, got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"side": self.side, "rows": self.rows, "cols": self.cols, "tiled": self.tiled}
 
     @property
     def base_tokens(self) -> int:
@@ -213,7 +219,8 @@ class AnyResLayout:
 
     @property
     def mosaic(self) -> bool:
-        return self.rows > 0
+        """Whether the span has mosaic tokens (a sliver of an image may unpad to none)."""
+        return self.rows * self.cols > 0
 
     @property
     def mosaic_tokens(self) -> int:
@@ -226,18 +233,15 @@ class AnyResLayout:
 
     @property
     def newlines(self) -> int:
-        return self.rows if self.mosaic else 1
+        return self.rows if self.tiled else 1
 
     @property
     def length(self) -> int:
         return self.content + self.newlines
 
-    def to_dict(self) -> dict[str, int]:
-        return {"side": self.side, "rows": self.rows, "cols": self.cols}
-
     def newline_index(self) -> torch.Tensor:
         """Span indices of the newline tokens (sorted)."""
-        if not self.mosaic:
+        if not self.tiled:
             return torch.tensor([self.base_tokens])
         return self.base_tokens + torch.arange(self.rows) * (self.cols + 1) + self.cols
 
@@ -266,7 +270,7 @@ def unpadded_mosaic(image_hw: tuple[int, int], tiles: tuple[int, int], side: int
     ratio = math.sqrt(ch * cw / (max_tiles * side * side))
     if ratio > 1.1:
         ch, cw = int(ch // ratio), int(cw // ratio)
-    return ch, cw
+    return (ch, cw) if ch else (0, 0)
 
 
 def mosaic_cells(layout: AnyResLayout) -> torch.Tensor:
@@ -274,6 +278,8 @@ def mosaic_cells(layout: AnyResLayout) -> torch.Tensor:
     whole image, so mosaic token ``(i, j)`` of ``rows x cols`` lies in base cell
     ``(floor((i + 1/2) side / rows), floor((j + 1/2) side / cols))``."""
     s = layout.side
+    if not layout.mosaic:
+        return torch.zeros(0, dtype=torch.long)
     r = ((2 * torch.arange(layout.rows) + 1) * s) // (2 * layout.rows)
     c = ((2 * torch.arange(layout.cols) + 1) * s) // (2 * layout.cols)
     return (r[:, None] * s + c[None, :]).reshape(-1)

@@ -75,7 +75,7 @@ def image_layout(config, image_hw: tuple[int, int] | None) -> AnyResLayout:
     model does not tile: base view + newline)."""
     side = vision_side(config)
     if image_hw is None:
-        return AnyResLayout(side)
+        return AnyResLayout(side, tiled=False)
     tiles = tile_grid(image_hw, config.image_grid_pinpoints, config.vision_config.image_size)
     rows, cols = unpadded_mosaic(image_hw, tiles, side, max_tiles(config))
     return AnyResLayout(side, rows, cols)
@@ -185,12 +185,11 @@ class LlavaOnevision(Rope1DFamily):
         n = self.side * self.side
         L = features.shape[0]
         rows = at.numel()
-        if rows == 1 and L == n + 1:
-            layout = AnyResLayout(self.side)
-        elif rows and (L - n - rows) % rows == 0 and L - n - rows > 0:
-            layout = AnyResLayout(self.side, rows, (L - n - rows) // rows)
-        else:
+        if rows == 1 and L == n + 1 and int(at[0]) == n:
+            return AnyResLayout(self.side, tiled=False)  # (a one-row mosaic would end in a column before it)
+        if L < n + rows or (rows and (L - n - rows) % rows) or (not rows and L != n):
             return None
+        layout = AnyResLayout(self.side, rows, (L - n - rows) // rows if rows else 0)
         return layout if torch.equal(layout.newline_index(), at) else None
 
     def find_spans(self, input_ids: torch.Tensor, grids: dict[str, list]) -> list[Span]:

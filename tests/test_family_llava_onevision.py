@@ -203,12 +203,13 @@ def test_anyres_selection_by_hand():
     sin = torch.zeros(20)
     base = torch.tensor([0.1, 0.9, 0.2, 0.3])
     chosen = anyres_selection(layout, cos, sin, base, torch.tensor([3]), ivc_ratio=0.0, target=10)
-    # seed 3, then base token 1 with its block (mosaic content 6, 7, 10, 11), the base share (5 of 10 of 20 ->
-    # 1 of 4... ratio_count(0.5, 4) = 2 base tokens: the seed and token 1), then fill by score: token 1's block
-    # is taken, token 3's block (score 0.3) comes next: 14, 15, 18, 19 -> 3 of them
+    # content 20, target 10: the seed (base 3); the base share is ratio_count(10/20, 4) = 2 base tokens, so one
+    # foreground token: base 1 (best score) with the mosaic block it covers (content 6, 7, 10, 11); the fill by
+    # score then takes base 3's block (score 0.3: content 14, 15, 18, 19)
     assert chosen.groups["foreground"].tolist() == [1]
     assert chosen.groups["tile_foreground"].tolist() == [6, 7, 10, 11]
-    assert chosen.kept.tolist() == [1, 3, 6, 7, 10, 11, 14, 15, 18, 19][:10]
+    assert chosen.kept.tolist() == [1, 3, 6, 7, 10, 11, 14, 15, 18, 19]
+    assert chosen.groups["fill"].tolist() == [14, 15, 18, 19]
     with pytest.raises(ValueError, match="needs a mosaic"):
         anyres_selection(AnyResLayout(2, tiled=False), cos[:4], sin[:4], base, torch.tensor([0]), target=2)
     with pytest.raises(ValueError, match="seeds must be"):

@@ -7,7 +7,8 @@ Input building is a family decision (:func:`media_for`, keyed by ``config.model_
 - LLaVA-1.5: the images as given; the processor resizes (and pads or centre-crops) them to the tower's size;
 - InternVL: the images as given; the processor cuts them into tiles (at most ``max_tiles``, when given, else
   the processor's own ``max_patches``) plus a thumbnail;
-- LLaVA-OneVision: the images as given; the processor makes a base view and the tiles of its pinpoint grid.
+- LLaVA-OneVision: the images as given, one list per row; the processor makes a base view and the tiles of its
+  pinpoint grid (the base view alone for each image of a row with several).
 
 What a picture draws on (``seen``) and where an original image's pixels land on it (:class:`ImageView`):
 Qwen-VL the resized image; LLaVA the image as the tower sees it (padded to a square or centre-cropped, then
@@ -118,8 +119,9 @@ class Media:
             images += self.images(items, loaded, image_patch_size)
             videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
-        inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
-                           padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
+        inputs = processor(text=texts, images=self.batch_images(images, counts) or None, videos=videos or None,
+                           padding=True, padding_side=padding_side, return_tensors="pt",
+                           **self.processor_kwargs(max_tiles))
         seen = self.seen(processor, originals, images, inputs, max_tiles)
         rows, row_views, first = [], [], 0
         for n in counts:
@@ -127,6 +129,10 @@ class Media:
             row_views.append([v for _, v in seen[first:first + n]])
             first += n
         return Prepared(inputs, rows, row_views)
+
+    def batch_images(self, images: list[Any], counts: list[int]) -> list[Any]:
+        """The ``images`` argument of the processor for the batch's images (``counts`` per row): one flat list."""
+        return images
 
     def images(self, items: list[dict[str, Any]], loaded: list[Image.Image], patch: int) -> list[Image.Image]:
         """What the processor gets for a conversation's image ``items`` (``loaded``: their original images)."""
@@ -217,6 +223,16 @@ class OnevisionMedia(Media):
     both views cover whole (see :class:`~ivcprune.tiles.AnyResLayout` in the report's span)."""
 
     model_types = ("llava_onevision",)
+
+    def batch_images(self, images, counts):
+        """One list per row with images: the processor tiles a row's image only when it is the row's only one (a
+        multi-image prompt gets base views), as LLaVA-OneVision was trained."""
+        rows, first = [], 0
+        for n in counts:
+            if n:
+                rows.append(images[first : first + n])
+            first += n
+        return rows
 
 
 def _size_of(size, key: str):

@@ -345,20 +345,23 @@ def anyres_selection(
     else:
         ranked = torch.sort(base_scores.reshape(-1), descending=True, stable=True).indices  # base-local, best first
         cells = mosaic_cells(layout)
+        by_cell = torch.sort(cells, stable=True).indices + n  # mosaic tokens grouped by base cell
+        ends = torch.cumsum(torch.bincount(cells, minlength=n), 0).tolist()
         room = max(0, ratio_count(target / layout.content, n) - int(chosen[:n].sum()))
-        picked = []
+        picked, count = [], int(chosen.sum())
         for b in ranked.tolist():
             if len(picked) >= room:
                 break
             if chosen[b]:
                 continue
-            block = (cells == b).nonzero().squeeze(1) + n
+            block = by_cell[(ends[b - 1] if b else 0) : ends[b]]
             new = 1 + int((~chosen[block]).sum())
-            if int(chosen.sum()) + new > target:
+            if count + new > target:
                 break
             chosen[b] = True
             chosen[block] = True
             picked.append(b)
+            count += new
         fg = torch.tensor(picked, dtype=torch.long)
         mosaic = base_to_mosaic(fg, layout)
         score = torch.cat([base_scores.reshape(-1).float(), base_scores.reshape(-1).float()[cells]])

@@ -24,6 +24,7 @@ KIND_COLORS = {
 }
 KIND_NAMES = {"ivc_cos": "IVC cos", "ivc_sin": "IVC sin", "seed": "seed", "foreground": "foreground",
               "tile_foreground": "tile foreground", "fill": "fill", "random": "random"}
+KIND_NAMES["structure"] = "newline"
 PRUNED_SHADE = (20, 20, 20)
 TILE_BORDER = (255, 255, 255)
 DISPLAY_SIDE = 768  # tiled images (originals, any size) are drawn with this longest side at most

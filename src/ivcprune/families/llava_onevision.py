@@ -32,8 +32,8 @@ _QWEN2_7B = dict(model_type="qwen2", vocab_size=152128, hidden_size=3584, interm
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False)
 _OV_TOKENS = dict(image_token_id=151646, video_token_id=151647, bos_token_id=151643, eos_token_id=151645,
                   pad_token_id=151643)
-# the processor's and the model's default grids: 1..6 x 1..6 tiles of 384 pixels
-_OV_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+# the processor's and the model's default grids: 1..6 x 1..6 tiles (of 384 pixels: image_grid_pinpoints)
+_OV_GRIDS = [(r, c) for r in range(1, 7) for c in range(1, 7)]
 
 _TINY_TOKENS = {k: TINY_TOKEN_IDS[k] for k in ("image_token_id", "video_token_id", "bos_token_id", "eos_token_id",
                                                 "pad_token_id")}
@@ -42,7 +42,7 @@ _TINY_TEXT = dict(_QWEN2_7B, vocab_size=512, hidden_size=64, intermediate_size=1
 # 56-pixel tiles of 4 x 4 tokens; up to 3 x 3 tiles, shrunk beyond 4 tiles' worth of tokens (anyres_max_4)
 _TINY_VISION = dict(_SIGLIP_SO400M, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     image_size=56)
-_TINY_PINPOINTS = [[56 * r, 56 * c] for r in range(1, 4) for c in range(1, 4)]
+_TINY_GRIDS = [(r, c) for r in range(1, 4) for c in range(1, 4)]
 
 _LLAVA_GROUNDING = "Please provide the bounding box coordinate of the region this sentence describes: {ref}"
 
@@ -96,10 +96,10 @@ class LlavaOnevision(Rope1DFamily):
     box_format = "list"
     box_frame = "square1"
     random_configs = {
-        "llava-onevision-7b": dict(text=_QWEN2_7B, vision=_SIGLIP_SO400M, tokens=_OV_TOKENS, pinpoints=_OV_PINPOINTS,
+        "llava-onevision-7b": dict(text=_QWEN2_7B, vision=_SIGLIP_SO400M, tokens=_OV_TOKENS, grids=_OV_GRIDS,
                                    aspect="anyres_max_9"),
-        "tiny-llava-onevision": dict(text=_TINY_TEXT, vision=_TINY_VISION, tokens=_TINY_TOKENS,
-                                     pinpoints=_TINY_PINPOINTS, aspect="anyres_max_4"),
+        "tiny-llava-onevision": dict(text=_TINY_TEXT, vision=_TINY_VISION, tokens=_TINY_TOKENS, grids=_TINY_GRIDS,
+                                     aspect="anyres_max_4"),
     }
 
     @classmethod
@@ -114,9 +114,11 @@ class LlavaOnevision(Rope1DFamily):
         config_cls, _ = cls.model_classes()
         tokens = dict(spec["tokens"])
         image, video = tokens.pop("image_token_id"), tokens.pop("video_token_id")
+        px = spec["vision"]["image_size"]  # the pinpoints are tile grids at the tower's size
         return config_cls(text_config={**spec["text"], **tokens}, vision_config=dict(spec["vision"]),
                           image_token_index=image, video_token_index=video, vision_feature_layer=-1,
-                          vision_feature_select_strategy="full", image_grid_pinpoints=spec["pinpoints"],
+                          vision_feature_select_strategy="full",
+                          image_grid_pinpoints=[[r * px, c * px] for r, c in spec["grids"]],
                           vision_aspect_ratio=spec["aspect"], tie_word_embeddings=False)
 
     @classmethod

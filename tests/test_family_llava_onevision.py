@@ -25,6 +25,7 @@ from ivcprune.tiles import AnyResLayout, anyres_selection, base_to_mosaic, mosai
 from ivcprune.tiny import build_onevision_processor
 
 from conftest import make_model
+from reference import reference_selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -348,3 +349,35 @@ def test_random_configs_have_the_released_shapes():
     inputs, grid = LlavaOnevision.synthetic_inputs(TINY, 64, 8)  # 4 views of 16 tokens: the base view and 1x3 tiles
     assert int((inputs["input_ids"] == TINY.image_token_id).sum()) == image_layout(TINY, (56, 168)).length
     assert grid == (4, 12) and inputs["image_sizes"].tolist() == [[56, 168]]
+
+
+def test_expanded_generate_batches_find_every_layout(model):
+    """Beams and several sequences per prompt: generate expands the encoded media with the rows, every row
+    finds the layout."""
+    inputs = _prompt(model, [(100, 150)], frames=[2])
+    method = IVCPrune(layer=2)
+    alone = _reports(model, inputs, method, generate=True)[0]
+    for kw in ({"num_beams": 2, "num_return_sequences": 2}, {"do_sample": True, "num_return_sequences": 3}):
+        with torch.no_grad(), method(model):
+            model.generate(**inputs, max_new_tokens=2, **kw)
+        for rep in method.last_reports:
+            assert [s.to_dict() for s in rep.spans] == [s.to_dict() for s in alone.spans]
+
+
+@pytest.mark.parametrize("hw", [(100, 150), (60, 170), (168, 168)])
+def test_per_view_preset_equals_loop_reference(model, hw):
+    """The preset end to end: IVC statistics, seeds and base-view foreground scores from the loop reference (the
+    unpruned model's values, float64), then the per-view steps of :func:`bf_selection` on the content tokens."""
+    inputs = _prompt(model, [hw], seed=sum(hw))
+    rep = _reports(model, inputs, IVCPrune(layer=2), generate=False)[0]
+    (span,) = rep.spans
+    layout = span.layout
+    assert layout.mosaic
+    ref = reference_selection(model, inputs, 2, scored_part=lambda start, L: (0, layout.base_tokens))[0]
+    content = layout.content_index()
+    cos = [ref["cos"][i] for i in content.tolist()]
+    sin = [ref["sin"][i] for i in content.tolist()]
+    kept = bf_selection(layout, cos, sin, ref["fg_scores"], ref["seed"], 0.1, max(1, round(0.5 * layout.content)))
+    expected = set((content[kept] + span.start).tolist()) | set((layout.newline_index() + span.start).tolist())
+    assert {p for p in rep.kept.tolist() if span.start <= p < span.start + span.length} == expected
+    assert set((span.seeds - span.start).tolist()) == set(ref["seed"])

@@ -9,7 +9,10 @@ During a prefill that holds visual tokens:
   again), and every later layer receives rotary cos/sin, attention mask and position ids cut the same way
   (kept tokens keep their original rotations, i.e. their original positions);
 * the KV cache of layers 0..K-1, already filled with every token, is cut to the kept tokens, so from then
-  on no layer holds a pruned token.
+  on no layer holds a pruned token;
+* structure tokens a family marks inside a span (``Span.fixed``, e.g. LLaVA-OneVision's row newlines) are
+  always kept and hidden from the method: it sees the span, and its row, without them (so its budget counts
+  the other tokens), and its selection is mapped back to the prompt's positions.
 
 Every row is handled in its own coordinates (the positions of its real, non-padding tokens), so a row's
 selection and report are the ones it gets alone. Decode steps need no cutting: ``generate`` tracks position

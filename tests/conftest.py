@@ -70,6 +70,8 @@ def family_media(model, media, text_before, text_after, seed):
     """:func:`make_inputs` for LLaVA (each image or video one image of the tower's size) and InternVL (an
     image of h x w patches is ``max(1, h // 8) x max(1, w // 8)`` tiles, plus the thumbnail when several;
     a video of t frames is t one-tile images)."""
+    if model.config.model_type == "llava_onevision":
+        return onevision_media(model, media, text_before, text_after, seed)
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     vc = cfg.vision_config
@@ -94,6 +96,41 @@ def family_media(model, media, text_before, text_after, seed):
     return out
 
 
+def onevision_media(model, media, text_before, text_after, seed):
+    """:func:`make_inputs` for LLaVA-OneVision: an image of h x w patches is an image of ``10h x 10w`` pixels (its
+    base view and mosaic with row newlines; base view and newline only when the prompt has several images, as
+    the processor treats them); a video of t frames is t pooled frames and a newline."""
+    from ivcprune.families.llava_onevision import image_layout, tile_grid, video_side
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    px, C = cfg.vision_config.image_size, cfg.vision_config.num_channels
+    images = [(10 * h, 10 * w) for kind, t, h, w in media if kind == "image"]
+    ids = torch.randint(3, 250, (text_before,), generator=g).tolist()
+    pix, vpix = [], []
+    for kind, t, h, w in media:
+        if kind == "image":
+            hw = None if len(images) > 1 else (10 * h, 10 * w)
+            ids += [IMG] * image_layout(cfg, hw).length
+            rows, cols = tile_grid(hw, cfg.image_grid_pinpoints, px) if hw else (0, 0)
+            pix.append(torch.randn(1 + rows * cols, C, px, px, generator=g))
+        else:
+            ids += [VID] * (t * video_side(cfg) ** 2 + 1)
+            vpix.append(torch.randn(1, t, C, px, px, generator=g))
+        ids += torch.randint(3, 250, (2,), generator=g).tolist()
+    ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
+    input_ids = torch.tensor([ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if pix:
+        most = max(x.shape[0] for x in pix)
+        out["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) for x in pix])
+        out["image_sizes"] = torch.tensor(images)
+        out["batch_num_images"] = torch.tensor([len(images)])
+    if vpix:
+        out["pixel_values_videos"] = torch.cat(vpix)
+    return out
+
+
 def batch_inputs(rows: list[dict]) -> dict:
     """Single-row inputs stacked into one left-padded batch, as a processor pads them (``padding_side="left"``);
     media tensors concatenated in row order."""
@@ -108,8 +145,12 @@ def batch_inputs(rows: list[dict]) -> dict:
     }
     if "mm_token_type_ids" in rows[0]:
         out["mm_token_type_ids"] = torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+                "batch_num_images"):
         parts = [r[key] for r in rows if key in r]
+        if parts and key == "pixel_values" and parts[0].dim() == 5:  # LLaVA-OneVision: patches padded to the most
+            most = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], dim=1) for p in parts]
         if parts:
             out[key] = torch.cat(parts)
     return out

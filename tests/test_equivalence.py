@@ -177,9 +177,11 @@ def test_several_images_each_get_their_own_budget(family):
     lengths, grids = {
         "llava": ([64, 64], [(1, 8, 8)] * 2),  # one fixed size per image
         "internvl": ([16, 48], [None, None]),  # one tile; 1x2 tiles + thumbnail
+        "llava_onevision": ([17, 17], [(1, 4, 4)] * 2),  # several images: base views and their newline
     }.get(family, ([24, 48], [(1, 4, 6), (1, 6, 8)]))
     assert [s.length for s in rep.spans] == lengths
-    assert [s.kept for s in rep.spans] == [n // 2 for n in lengths]
+    fixed = [len(s.positions("structure")) for s in rep.spans]  # structure tokens: always kept, outside the budget
+    assert [s.kept for s in rep.spans] == [(n - f) // 2 + f for n, f in zip(lengths, fixed)]
     assert [s.grid for s in rep.spans] == grids
 
 
@@ -190,7 +192,9 @@ def test_video_spans_are_pruned_like_images(family):
     model = make_model(family)
     inputs = make_inputs(model, media=(("video", 2, 8, 8),))
     rep = _assert_matches_reference(model, inputs, IVCPrune(layer=2, budget=0.5, rule="fill"), 2)
-    expected = [("image", 16, 8, None)] * 2 if family == "internvl" else [("video", 32, 16, (2, 4, 4))]
+    expected = {"internvl": [("image", 16, 8, None)] * 2,
+                "llava_onevision": [("video", 9, 5, (2, 2, 2))],  # 2 pooled frames of 2x2, a newline kept
+                }.get(family, [("video", 32, 16, (2, 4, 4))])
     if family in FRAME_BLOCKS:  # Qwen3-VL: every frame is its own block (after a timestamp), so its own span
         expected = [("video", 16, 8, (1, 4, 4))] * 2
     assert [(s.kind, s.length, s.kept, s.grid) for s in rep.spans] == expected  # InternVL: a frame is an image

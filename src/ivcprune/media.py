@@ -6,7 +6,9 @@ Input building is a family decision (:func:`media_for`, keyed by ``config.model_
   message, multiples of 28 pixels) and the processor takes the result as it is;
 - LLaVA-1.5: the images as given; the processor resizes (and pads or centre-crops) them to the tower's size;
 - InternVL: the images as given; the processor cuts them into tiles (at most ``max_tiles``, when given, else
-  the processor's own ``max_patches``) plus a thumbnail.
+  the processor's own ``max_patches``) plus a thumbnail;
+- LLaVA-OneVision: the images as given, one list per row; the processor makes a base view and the tiles of its
+  pinpoint grid (the base view alone for each image of a row with several).
 
 What a picture draws on (``seen``) and where an original image's pixels land on it (:class:`ImageView`):
 Qwen-VL the resized image; LLaVA the image as the tower sees it (padded to a square or centre-cropped, then
@@ -118,8 +120,9 @@ class Media:
             images += self.images(items, loaded, image_patch_size)
             videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
-        inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
-                           padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
+        inputs = processor(text=texts, images=self.batch_images(images, counts) or None, videos=videos or None,
+                           padding=True, padding_side=padding_side, return_tensors="pt",
+                           **self.processor_kwargs(max_tiles))
         seen = self.seen(processor, originals, images, inputs, max_tiles)
         rows, row_views, first = [], [], 0
         for n in counts:
@@ -127,6 +130,10 @@ class Media:
             row_views.append([v for _, v in seen[first:first + n]])
             first += n
         return Prepared(inputs, rows, row_views)
+
+    def batch_images(self, images: list[Any], counts: list[int]) -> list[Any]:
+        """The ``images`` argument of the processor for the batch's images (``counts`` per row): one flat list."""
+        return images
 
     def images(self, items: list[dict[str, Any]], loaded: list[Image.Image], patch: int) -> list[Image.Image]:
         """What the processor gets for a conversation's image ``items`` (``loaded``: their original images)."""
@@ -244,6 +251,23 @@ class InternVLMedia(Media):
                 for im in originals]
 
 
+class OnevisionMedia(Media):
+    """LLaVA-OneVision: the processor takes the images as given (base view + tiles); seen = the original, which
+    both views cover whole (see :class:`~ivcprune.tiles.AnyResLayout` in the report's span)."""
+
+    model_types = ("llava_onevision",)
+
+    def batch_images(self, images, counts):
+        """One list per row with images: the processor tiles a row's image only when it is the row's only one (a
+        multi-image prompt gets base views), as LLaVA-OneVision was trained."""
+        rows, first = [], 0
+        for n in counts:
+            if n:
+                rows.append(images[first : first + n])
+            first += n
+        return rows
+
+
 def _size_of(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
@@ -283,9 +307,11 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
 
 MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
 MEDIA.update({t: Qwen3Media() for t in Qwen3Media.model_types})
+MEDIA["llava_onevision"] = OnevisionMedia()
 # processors whose family their class tells (callers that pass a processor alone)
 PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
 PROCESSOR_TYPES["Qwen3VLProcessor"] = "qwen3_vl"
+PROCESSOR_TYPES["LlavaOnevisionProcessor"] = "llava_onevision"
 
 
 def media_for(model_type: str | None = None, processor=None) -> Media:

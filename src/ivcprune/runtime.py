@@ -9,7 +9,10 @@ During a prefill that holds visual tokens:
   again), and every later layer receives rotary cos/sin, attention mask and position ids cut the same way
   (kept tokens keep their original rotations, i.e. their original positions);
 * the KV cache of layers 0..K-1, already filled with every token, is cut to the kept tokens, so from then
-  on no layer holds a pruned token.
+  on no layer holds a pruned token;
+* structure tokens a family marks inside a span (``Span.fixed``, e.g. LLaVA-OneVision's row newlines) are
+  always kept and hidden from the method: it sees the span, and its row, without them (so its budget counts
+  the other tokens), and its selection is mapped back to the prompt's positions.
 
 Every row is handled in its own coordinates (the positions of its real, non-padding tokens), so a row's
 selection and report are the ones it gets alone. Decode steps need no cutting: ``generate`` tracks position
@@ -97,6 +100,7 @@ class SpanInput:
     alive: torch.Tensor | None = None  # local indices still in the sequence (multi-stage methods); None = all
     stage: int | None = None  # the layer this selection runs before
     media_index: int = 0  # this span's place among all spans of the batch (rows in order, spans in prompt order)
+    layout: Any = None  # the family's own layout of the span (families.Span.layout)
 
     @property
     def alive_index(self) -> torch.Tensor:
@@ -587,15 +591,24 @@ class Pruner:
                            attention=attn, keys=keys)
             positions = st.positions[:, b, real]
             keep_mask = alive & ~visual
+            fixed = torch.zeros(len(real), dtype=torch.bool)
+            for s in spans:
+                if s.fixed:
+                    fixed[s.start + torch.tensor(s.fixed, dtype=torch.long)] = True
+            keep_mask |= fixed
+            shown = _without(row, ~fixed) if bool(fixed.any()) else row  # what methods see: no structure tokens
+            before = torch.cumsum((~fixed).long(), 0) - (~fixed).long()  # shown tokens before each token
             span_reports = [] if first else st.reports[b].spans
             notes = []
             for i, s in enumerate(spans):
-                span_alive = alive[s.start : s.start + s.length].nonzero().squeeze(1)
-                span_pos = positions[:, s.start : s.start + s.length]
-                inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
+                part = slice(s.start, s.start + s.length)
+                shown_idx = (~fixed[part]).nonzero().squeeze(1)  # span-local index of each token the method sees
+                span_alive = alive[part][shown_idx].nonzero().squeeze(1)
+                span_pos = positions[:, part][:, shown_idx]
+                inp = SpanInput(index=i, kind=s.kind, start=row.past + int(before[s.start]), length=len(shown_idx),
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
-                                row=row, tiles=s.tiles, alive=None if first else span_alive, stage=idx,
-                                media_index=media)
+                                row=shown, tiles=s.tiles, alive=None if first else span_alive, stage=idx,
+                                media_index=media, layout=s.layout)
                 media += 1
                 sel = self.method.select(inp, self.config) if span_alive.numel() else SpanSelection(span_alive)
                 if sel.note:
@@ -603,12 +616,16 @@ class Pruner:
                 kept = sel.kept.cpu()
                 if not first and not bool(torch.isin(kept, span_alive).all()):
                     raise RuntimeError(f"{self.method.name} kept tokens an earlier stage had pruned")
-                keep_mask[s.start + kept] = True
-                groups = {k: (v.cpu() + inp.start) for k, v in sel.groups.items()}
+                keep_mask[s.start + shown_idx[kept]] = True
+                start = row.past + s.start
+                groups = {k: (shown_idx[v.cpu()] + start) for k, v in sel.groups.items()}
+                if s.fixed:
+                    groups["structure"] = torch.tensor(s.fixed, dtype=torch.long) + start
+                kept = keep_mask[part].nonzero().squeeze(1)
                 if first:
-                    span_reports.append(SpanReport(index=i, kind=s.kind, start=inp.start, length=s.length,
+                    span_reports.append(SpanReport(index=i, kind=s.kind, start=start, length=s.length,
                                                    kept=int(kept.numel()), groups=groups, grid=inp.grid,
-                                                   tiles=inp.tiles))
+                                                   tiles=inp.tiles, layout=s.layout))
                 else:
                     span_reports[i].kept = int(kept.numel())
                     span_reports[i].groups.update(groups)
@@ -653,6 +670,18 @@ class Pruner:
         for i in range(idx):
             layer = cache.layers[i]
             layer.keys, layer.values = cut.cut_cache(layer.keys, layer.values, index)
+
+
+def _without(row: RowInput, shown: torch.Tensor) -> RowInput:
+    """``row`` with only its ``shown`` tokens (a bool mask over its tokens): what a method sees of a row whose
+    spans hold structure tokens (:attr:`ivcprune.families.Span.fixed`)."""
+    idx = shown.nonzero().squeeze(1)
+
+    def pick(x, dim):
+        return None if x is None else x.index_select(dim, idx.to(x.device))
+
+    return RowInput(row=row.row, length=len(idx), past=row.past, visual=row.visual[idx], values=pick(row.values, 1),
+                    hidden=pick(row.hidden, 0), attention=pick(row.attention, 0), keys=pick(row.keys, 1))
 
 
 def _check_cache(cache) -> None:

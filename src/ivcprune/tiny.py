@@ -215,6 +215,47 @@ def build_internvl_processor(tile_size: int = 448, image_seq_length: int = 256, 
                              image_seq_length=image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE)
 
 
+# LLaVA-OneVision's chat format as llava-hf's checkpoints write it: Qwen turns, a user turn's media first (each
+# "<image>" / "<video>" then a newline), then its text.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}<video>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def build_onevision_processor(image_size: int = 384, patch_size: int = 14, *, image_grid_pinpoints=None,
+                              vision_aspect_ratio: str = "anyres_max_9"):
+    """LLaVA-OneVision's processor as llava-hf configures it: SigLIP normalisation, each image cut into the tiles
+    of its best ``image_grid_pinpoints`` resolution after a base view of the whole image (``image_size``
+    pixels); ``<image>`` expanded to the base view's ``(image_size / patch_size)²`` tokens plus the unpadded
+    mosaic and its row newlines, ``<video>`` to the pooled frames and a newline; the tokenizer spells the tiny
+    tokenizer's image and video ids ``<image>`` and ``<video>``."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    tokenizer = build_tokenizer(renamed={"<|image_pad|>": "<image>", "<|video_pad|>": "<video>"},
+                                chat_template=ONEVISION_CHAT_TEMPLATE, image_token="<image>", video_token="<video>")
+    size = {"height": image_size, "width": image_size}
+    pinpoints = image_grid_pinpoints or [[image_size * r, image_size * c] for r in range(1, 7) for c in range(1, 7)]
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[list(p) for p in pinpoints],
+                                                   image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    side = image_size // patch_size
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=video_processor, num_image_tokens=side * side,
+                                   vision_feature_select_strategy="full",
+                                   vision_aspect_ratio=vision_aspect_ratio, chat_template=ONEVISION_CHAT_TEMPLATE)
+
+
 def processor_for_config(config, **kwargs):
     """The tiny processor that fits a tiny model's config (its family, tower size and tokens per image)."""
     model_type = config.model_type
@@ -226,4 +267,7 @@ def processor_for_config(config, **kwargs):
         return build_internvl_processor(vc.image_size[0], config.image_seq_length, **kwargs)
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
         return build_qwen3_vl_processor(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, **kwargs)
+    if model_type == "llava_onevision":
+        return build_onevision_processor(vc.image_size, vc.patch_size, image_grid_pinpoints=config.image_grid_pinpoints,
+                                         vision_aspect_ratio=config.vision_aspect_ratio, **kwargs)
     return build_processor(model_type, **kwargs)

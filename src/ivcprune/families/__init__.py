@@ -12,11 +12,13 @@ from torch import nn
 from .base import Adapter, Family, RopeInfo, Span, UnsupportedModelError
 from .internvl import InternVL
 from .llava import Llava
+from .llava_onevision import LlavaOnevision
 from .qwen3_vl import Qwen3VL, Qwen3VLMoe
 from .qwen_vl import Qwen2VL, Qwen25VL
 
 FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL, Llava, InternVL)}
 FAMILIES.update({cls.model_type: cls for cls in (Qwen3VL, Qwen3VLMoe)})
+FAMILIES[LlavaOnevision.model_type] = LlavaOnevision
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

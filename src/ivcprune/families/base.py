@@ -35,6 +35,10 @@ class Span:
     kind: str  # "image" or "video"
     grid: tuple[int, int, int] | None = None  # (t, h, w) tokens after merging
     tiles: TileLayout | None = None  # high-resolution tiles (+ thumbnail) of a tiled image
+    # structure tokens inside the span (span-local indices, e.g. LLaVA-OneVision's row newlines): the runtime
+    # always keeps them and hides them from the method, which sees the span without them
+    fixed: tuple[int, ...] = ()
+    layout: Any = None  # a family's own layout of the span (in the method's coordinates, ``fixed`` left out)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,14 @@ _PRESETS = {
              "onto the matching high-resolution blocks; filled from the thumbnail to 50% of the image; values of "
              "the un-normalised residual stream; similarity softmax over the whole sequence",
     ),
+    "llava_onevision": dict(
+        family="LLaVA-OneVision", rule="fill", softmax_domain="span", min_one_seed=True, tile_scheme="thumbnail",
+        note="by analogy, not validated on real checkpoints: K at the relative depth 16/28 (16 of the 7B's 28 "
+             "Qwen2 layers); IVC 10% cos + 10% sin per view (base view and high-resolution mosaic, each ranked on "
+             "its own); seeds (1% of the base view) and foreground ranked on the base view and mapped onto the "
+             "mosaic tokens it covers; filled to 50% of the image's content tokens by foreground; the row "
+             "newlines always kept, outside the budget; similarity softmax over the scored view",
+    ),
 }
 
 
@@ -162,7 +170,8 @@ class IVCPrune(PruningMethod):
     value_input: str | None = field(default=None, metadata={
         "choices": VALUE_INPUTS, "help": "value vectors of layer K-1's normed input or of the raw residual stream"})
     tile_scheme: str | None = field(default=None, metadata={
-        "choices": TILE_SCHEMES, "help": "tiled images: thumbnail-guided (InternVL's release) or one plain span"})
+        "choices": TILE_SCHEMES, "help": "tiled images: thumbnail-guided (InternVL's release; LLaVA-OneVision: its "
+                                         "base view) or one plain span"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -220,6 +229,10 @@ class IVCPrune(PruningMethod):
         tiles = span.tiles
         if tiles is not None and tiles.thumbnail and config["tile_scheme"] == "thumbnail" and ablation is None:
             return self._select_tiles(span, config, target)
+        anyres = span.layout if isinstance(span.layout, tiles_mod.AnyResLayout) else None
+        if anyres is not None and anyres.mosaic and config["tile_scheme"] == "thumbnail" and ablation is None \
+                and config["rule"] == "fill":
+            return self._select_anyres(span, config, target)
         groups: dict[str, torch.Tensor] = {}
         priority: list[torch.Tensor] = []
 
@@ -261,6 +274,19 @@ class IVCPrune(PruningMethod):
         fg, seeds, note = self._foreground(span, config, n_seed, part=(layout.thumbnail_start, layout.tile_tokens))
         chosen = tiles_mod.tile_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
                                           thumbnail_ratio=target / span.length, target=target)
+        return SpanSelection(chosen.kept, chosen.groups, note)
+
+    def _select_anyres(self, span: SpanInput, config: dict[str, Any], target: int) -> SpanSelection:
+        """LLaVA-OneVision's AnyRes images (:func:`ivcprune.tiles.anyres_selection`): IVC per view, seeds and
+        foreground ranked on the base view and mapped onto the mosaic (by analogy with InternVL's thumbnail)."""
+        layout = span.layout
+        n_seed = sel.ratio_count(config["seed_ratio"], layout.base_tokens)
+        if config["min_one_seed"]:
+            n_seed = max(1, n_seed)
+        cos_s, sin_s = span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
+        fg, seeds, note = self._foreground(span, config, n_seed, part=(0, layout.base_tokens))
+        chosen = tiles_mod.anyres_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
+                                            target=target)
         return SpanSelection(chosen.kept, chosen.groups, note)
 
     def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int,

@@ -211,6 +211,16 @@ class InternVLMedia(Media):
                 for im in originals]
 
 
+class Gemma3Media(Media):
+    """Gemma 3: the processor resizes images to the tower's square (pan-and-scan crops, when asked for, are
+    extra images of their own); seen = the image as the tower sees it."""
+
+    model_types = ("gemma3",)
+
+    def seen(self, processor, originals, images, inputs, max_tiles=None):
+        return [tower_view(processor.image_processor, im) for im in originals]
+
+
 def _size_of(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
@@ -248,9 +258,10 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
     return img, ImageView((W, H), img.size, (sx, sy), (dx * sx - cx, dy * sy - cy))
 
 
-MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
+MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia(), Gemma3Media())
+                           for t in m.model_types}
 # processors whose family their class tells (callers that pass a processor alone)
-PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
+PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl", "Gemma3Processor": "gemma3"}
 
 
 def media_for(model_type: str | None = None, processor=None) -> Media:

@@ -182,6 +182,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def init_random_weights(cls, model: nn.Module, std: float) -> None:
+        """Give a freshly built random-weight model (``random:NAME``, tiny test models) weights its own
+        initialisation leaves degenerate (e.g. zeros that would make every image token the same); none here."""
+
+    @classmethod
     def synthetic_inputs(cls, config, image_tokens: int, text_tokens: int, seed: int = 0):
         """``(inputs, (h, w))``: a batch-of-one prompt with one image of about ``image_tokens`` visual tokens
         in the family's token layout, noise pixels (benchmarks of models without a processor)."""

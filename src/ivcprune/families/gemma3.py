@@ -146,6 +146,14 @@ class Gemma3(Rope1DFamily):
                           eoi_token_index=special["eoi_token_id"])
 
     @classmethod
+    def init_random_weights(cls, model: nn.Module, std: float) -> None:
+        """transformers initialises the projector's matrix to zeros (every image token would embed alike):
+        random normal here, like the other weights."""
+        entry = model.model if hasattr(model, "lm_head") else model
+        with torch.no_grad():
+            entry.multi_modal_projector.mm_input_projection_weight.normal_(0.0, std)
+
+    @classmethod
     def grid_side(cls, config) -> int:
         return int(round(config.mm_tokens_per_image**0.5))
 

@@ -33,8 +33,16 @@ from torch import nn
 
 from ..cut import is_flash
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import (AttentionCut, Rope1DFamily, RopeInfo, Span, UnsupportedModelError, letter_mcq_prompt,
-                   override_spec, token_runs)
+from .base import (
+    AttentionCut,
+    Rope1DFamily,
+    RopeInfo,
+    Span,
+    UnsupportedModelError,
+    letter_mcq_prompt,
+    override_spec,
+    token_runs,
+)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -50,7 +58,8 @@ _SIGLIP_896 = dict(model_type="siglip_vision_model", hidden_size=1152, intermedi
                    num_attention_heads=16, image_size=896, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False)
 _GEMMA3_TOKENS = dict(image_token_id=262144, boi_token_id=255999, eoi_token_id=256000, mm_tokens_per_image=256,
                       bos_token_id=2, eos_token_id=1, pad_token_id=0)
-_TINY_TOKENS = dict(image_token_id=TINY_TOKEN_IDS["image_token_id"], boi_token_id=TINY_TOKEN_IDS["vision_start_token_id"],
+_TINY_TOKENS = dict(image_token_id=TINY_TOKEN_IDS["image_token_id"],
+                    boi_token_id=TINY_TOKEN_IDS["vision_start_token_id"],
                     eoi_token_id=TINY_TOKEN_IDS["vision_end_token_id"], mm_tokens_per_image=16,
                     bos_token_id=TINY_TOKEN_IDS["bos_token_id"], eos_token_id=TINY_TOKEN_IDS["eos_token_id"],
                     pad_token_id=TINY_TOKEN_IDS["pad_token_id"])

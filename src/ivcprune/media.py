@@ -117,7 +117,8 @@ class Media:
             images += self.images(items, loaded, image_patch_size)
             videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
-        inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
+        inputs = processor(text=texts, images=self.batch_images(images, counts) if images else None,
+                           videos=videos or None, padding=True,
                            padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
         seen = self.seen(processor, originals, images, inputs, max_tiles)
         rows, row_views, first = [], [], 0
@@ -130,6 +131,11 @@ class Media:
     def images(self, items: list[dict[str, Any]], loaded: list[Image.Image], patch: int) -> list[Image.Image]:
         """What the processor gets for a conversation's image ``items`` (``loaded``: their original images)."""
         return loaded
+
+    def batch_images(self, images: list[Any], counts: list[int]) -> list[Any]:
+        """The batch's images as the processor takes them (``counts``: images per conversation); one flat list
+        by default."""
+        return images
 
     def videos(self, items: list[dict[str, Any]], patch: int) -> list[Any]:
         """What the processor gets for a conversation's video ``items``."""
@@ -216,6 +222,14 @@ class Gemma3Media(Media):
     extra images of their own); seen = the image as the tower sees it."""
 
     model_types = ("gemma3",)
+
+    def batch_images(self, images, counts):
+        """One list per conversation (Gemma3Processor matches them to each prompt's images)."""
+        out, first = [], 0
+        for n in counts:
+            out.append(images[first:first + n])
+            first += n
+        return out
 
     def seen(self, processor, originals, images, inputs, max_tiles=None):
         return [tower_view(processor.image_processor, im) for im in originals]

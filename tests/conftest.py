@@ -81,6 +81,9 @@ def family_media(model, media, text_before, text_after, seed):
         if cfg.model_type == "llava":
             ids += [IMG] * cfg.image_seq_length
             pix.append(torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g))
+        elif cfg.model_type == "gemma3":  # one image per medium, each <boi> + mm_tokens_per_image + <eoi>
+            ids += [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
+            pix.append(torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g))
         else:
             grids = [(max(1, h // 8), max(1, w // 8))] if kind == "image" else [(1, 1)] * t
             for rows, cols in grids:
@@ -91,6 +94,8 @@ def family_media(model, media, text_before, text_after, seed):
     ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
     input_ids = torch.tensor([ids])
     out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if cfg.model_type == "gemma3":  # as Gemma3Processor returns them: 1 on image tokens
+        out["token_type_ids"] = (input_ids == cfg.image_token_id).long()
     if pix:
         out["pixel_values"] = torch.cat(pix)
     return out
@@ -145,6 +150,8 @@ def batch_inputs(rows: list[dict]) -> dict:
     }
     if "mm_token_type_ids" in rows[0]:
         out["mm_token_type_ids"] = torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows])
+    if "token_type_ids" in rows[0]:
+        out["token_type_ids"] = torch.cat([left_pad(r["token_type_ids"], 0) for r in rows])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
                 "batch_num_images"):
         parts = [r[key] for r in rows if key in r]

@@ -120,9 +120,9 @@ class Media:
             images += self.images(items, loaded, image_patch_size)
             videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
-        inputs = processor(text=texts, images=self.batch_images(images, counts) or None, videos=videos or None,
-                           padding=True, padding_side=padding_side, return_tensors="pt",
-                           **self.processor_kwargs(max_tiles))
+        inputs = processor(text=texts, images=self.batch_images(images, counts) if images else None,
+                           videos=videos or None, padding=True,
+                           padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
         seen = self.seen(processor, originals, images, inputs, max_tiles)
         rows, row_views, first = [], [], 0
         for n in counts:
@@ -268,6 +268,24 @@ class OnevisionMedia(Media):
         return rows
 
 
+class Gemma3Media(Media):
+    """Gemma 3: the processor resizes images to the tower's square (pan-and-scan crops, when asked for, are
+    extra images of their own); seen = the image as the tower sees it."""
+
+    model_types = ("gemma3",)
+
+    def batch_images(self, images, counts):
+        """One list per conversation (Gemma3Processor matches them to each prompt's images)."""
+        out, first = [], 0
+        for n in counts:
+            out.append(images[first:first + n])
+            first += n
+        return out
+
+    def seen(self, processor, originals, images, inputs, max_tiles=None):
+        return [tower_view(processor.image_processor, im) for im in originals]
+
+
 def _size_of(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
@@ -305,11 +323,12 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
     return img, ImageView((W, H), img.size, (sx, sy), (dx * sx - cx, dy * sy - cy))
 
 
-MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
+MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia(), Gemma3Media())
+                           for t in m.model_types}
 MEDIA.update({t: Qwen3Media() for t in Qwen3Media.model_types})
 MEDIA["llava_onevision"] = OnevisionMedia()
 # processors whose family their class tells (callers that pass a processor alone)
-PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
+PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl", "Gemma3Processor": "gemma3"}
 PROCESSOR_TYPES["Qwen3VLProcessor"] = "qwen3_vl"
 PROCESSOR_TYPES["LlavaOnevisionProcessor"] = "llava_onevision"
 

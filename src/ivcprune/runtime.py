@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import cut
-from .families import Adapter, Span, get_adapter
+from .families import Adapter, AttentionCut, Span, get_adapter
 from .merging import apply_rotary, last_query_attention
 from .report import PruneReport, SpanReport
 from .tiles import TileLayout
@@ -148,6 +148,8 @@ class _CacheRecord:
     valid: torch.Tensor  # (B, T) validity of the cut cache's slots right after the prefill
     unpruned_len: int  # length of 2-D attention masks over the unpruned prompt (padding included)
     real_len: torch.Tensor  # (B,) real tokens per row in the unpruned prompt
+    origin: torch.Tensor | None = None  # (B, T) each slot's index in the unpruned sequence
+    context: Any = None  # the family's mask context of the prefill
 
 
 @dataclass
@@ -169,6 +171,7 @@ class _Forward:
     dtype: torch.dtype = torch.float32  # of the hidden states (eager masks are in it)
     device: torch.device | None = None
     memo: dict = field(default_factory=dict)
+    context: Any = None  # the family's mask context (Family.mask_context)
 
 
 # the pruner applied to each model (not an attribute of the model: copies of a model must not carry it)
@@ -341,14 +344,14 @@ class Pruner:
             if fresh:
                 self._set_noop([len(r) for r in real], NO_VISUAL)
             return None
-        _check_cache(cache)
+        _check_cache(cache, self.adapter)
         if past and mask2d is not None and mask2d.shape[1] == past + q_len:
             past_valid = mask2d[:, :past].bool().cpu()
         else:  # no mask over the earlier cache: all of it is real
             past_valid = torch.ones(B, past, dtype=torch.bool)
         real_past = past_valid.sum(dim=1).tolist()
         self._state = _Forward(spans=spans, real=real, real_past=real_past, past=past, q_len=q_len,
-                               past_valid=past_valid)
+                               past_valid=past_valid, context=self.adapter.mask_context(kwargs))
         return None
 
     def _entry_post(self, module, args, kwargs, output):
@@ -359,7 +362,8 @@ class Pruner:
         real_len = torch.tensor([p + len(r) for p, r in zip(st.real_past, st.real)])
         with self._lock:
             self._records[st.cache] = _CacheRecord(valid=st.valid_kv, unpruned_len=st.past + st.q_len,
-                                                   real_len=real_len)
+                                                   real_len=real_len, origin=cut.extend_index(st.index, st.past),
+                                                   context=st.context)
         return None
 
     def _decode_kwargs(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
@@ -371,7 +375,7 @@ class Pruner:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             n = mask.shape[-1]
             if n == past + q_len:
-                return kwargs  # already over the cut cache
+                return self._decode_mask(kwargs, record, past, q_len, device)  # already over the cut cache
             extra = n - record.unpruned_len  # generated tokens, this step's included
             if extra < q_len or mask.shape[0] != B:
                 raise ValueError(
@@ -382,6 +386,22 @@ class Pruner:
             kwargs["attention_mask"] = torch.cat([head, mask[:, record.unpruned_len :]], dim=1)
         elif isinstance(mask, torch.Tensor):
             raise ValueError("a pruned cache needs a 2-D attention mask (or none) while decoding")
+        return self._decode_mask(kwargs, record, past, q_len, device)
+
+    def _decode_mask(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
+        """The family's decode mask over the cut cache (by default the 2-D mask as it is)."""
+        mask = kwargs.get("attention_mask")
+        B, T = record.valid.shape
+        later = past + q_len - T  # tokens fed after the prefill, this step's included
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.cat(
+            [record.valid, torch.ones(B, later, dtype=torch.bool)], dim=1)
+        origin = torch.cat([record.origin, record.unpruned_len + torch.arange(later).expand(B, later)], dim=1)
+        hidden = kwargs.get("inputs_embeds")
+        attn = AttentionCut(valid_kv=valid.to(device), origin_kv=origin.to(device), q_len=q_len,
+                            attn_implementation=self.adapter.attn_implementation,
+                            dtype=hidden.dtype if hidden is not None else self.model.dtype, device=device,
+                            context=record.context)
+        kwargs["attention_mask"] = self.adapter.decode_attention_mask(mask, attn)
         return kwargs
 
     def _set_noop(self, lengths: list[int], reason: str) -> None:
@@ -462,7 +482,7 @@ class Pruner:
             if st.index is None:
                 return None
             # rows keep different counts: the cut batch needs a padding mask even where the model passed none
-            kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"))
+            kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"), idx)
             for name in ("position_embeddings", "position_ids"):
                 if kwargs.get(name) is not None:
                     kwargs[name] = self._cut(st, name, kwargs[name])
@@ -470,8 +490,10 @@ class Pruner:
 
         return hook
 
-    def _cut(self, st: _Forward, name: str, value):
+    def _cut(self, st: _Forward, name: str, value, layer_idx: int | None = None):
         key = (name, id(value[0]) if isinstance(value, tuple) else id(value))
+        if name == "attention_mask":
+            key = (*key, self.adapter.mask_kind(layer_idx))
         hit = st.memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
@@ -482,19 +504,20 @@ class Pruner:
             # per row (the rotary cos/sin above carry the real, original positions).
             out = cut.contiguous_positions(st.valid.to(value.device), value[..., 0])
         else:
-            out = self._cut_mask(st, value)
+            out = self._cut_mask(st, value, layer_idx)
         st.memo[key] = (value, out)
         return out
 
-    def _cut_mask(self, st: _Forward, mask):
+    def _cut_mask(self, st: _Forward, mask, layer_idx: int):
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise NotImplementedError(
                 f"attention masks of type {type(mask).__name__} (e.g. flex attention) are not supported; use "
                 "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
             )
-        return cut.attention_mask(st.valid_kv, st.valid.shape[1],
-                                  attn_implementation=self.adapter.attn_implementation, dtype=st.dtype,
-                                  device=mask.device if mask is not None else st.device)
+        attn = AttentionCut(valid_kv=st.valid_kv, origin_kv=cut.extend_index(st.index, st.past),
+                            q_len=st.valid.shape[1], attn_implementation=self.adapter.attn_implementation,
+                            dtype=st.dtype, device=mask.device if mask is not None else st.device, context=st.context)
+        return self.adapter.layer_attention_mask(layer_idx, mask, attn)
 
     def _current(self, st: _Forward, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``b``'s tokens in the current (possibly already cut) sequence: ``(slots, local)``, the slots
@@ -534,7 +557,7 @@ class Pruner:
         if (self.needs.attention or self.needs.keys) and st.attention is None:
             raise RuntimeError("attention inputs of the layer before the stage were not captured")
         if self.needs.attention:
-            row = self._last_token_attention(st, b, slots)
+            row = self._last_token_attention(st, b, slots, local)
             attn = row.new_zeros(n)
             attn[local] = row
         if self.needs.keys:
@@ -558,13 +581,23 @@ class Pruner:
             _, k, cos, sin = self._row_query_key(st, b, slots)
             return apply_rotary(k, cos, sin)
 
-    def _last_token_attention(self, st: _Forward, b: int, slots: torch.Tensor) -> torch.Tensor:
+    def _last_token_attention(self, st: _Forward, b: int, slots: torch.Tensor,
+                              local: torch.Tensor | None = None) -> torch.Tensor:
         """Row ``b``'s last token's attention over its current ``slots`` at the captured layer, heads averaged,
-        computed from its queries / keys (whatever attention implementation the model runs); float32, CPU."""
-        scaling = st.attention[0].self_attn.scaling
+        computed from its queries / keys (whatever attention implementation the model runs); float32, CPU.
+        In a sliding-window layer (:meth:`Family.attention_window`), keys out of the window (original
+        positions; ``local``: the slots' row-local indices) get none."""
+        layer = st.attention[0]
+        scaling = layer.self_attn.scaling
+        window = self.adapter.attention_window(layer)
         with torch.no_grad():
             q, k, cos, sin = self._row_query_key(st, b, slots)
-            return last_query_attention(q[:, -1], k, cos, sin, scaling, q.shape[0] // k.shape[0]).float().cpu()
+            key_mask = None
+            if window is not None:
+                origin = st.real[b][local if local is not None else torch.arange(len(slots))]
+                key_mask = (origin[-1] - origin < window).to(k.device)
+            return last_query_attention(q[:, -1], k, cos, sin, scaling, q.shape[0] // k.shape[0],
+                                        key_mask=key_mask).float().cpu()
 
     def _stage(self, st: _Forward, idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Select before layer ``idx``; returns the gather index over the current sequence (None: nothing
@@ -665,11 +698,10 @@ class Pruner:
         cache = st.cache
         if cache is None:
             return
-        _check_cache(cache)
+        _check_cache(cache, self.adapter)
         index = cut.extend_index(rel, st.past)
         for i in range(idx):
-            layer = cache.layers[i]
-            layer.keys, layer.values = cut.cut_cache(layer.keys, layer.values, index)
+            self.adapter.cut_cache_layer(cache.layers[i], index)
 
 
 def _without(row: RowInput, shown: torch.Tensor) -> RowInput:
@@ -684,11 +716,12 @@ def _without(row: RowInput, shown: torch.Tensor) -> RowInput:
                     hidden=pick(row.hidden, 0), attention=pick(row.attention, 0), keys=pick(row.keys, 1))
 
 
-def _check_cache(cache) -> None:
+def _check_cache(cache, adapter: Adapter | None = None) -> None:
     if cache is None:
         return
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+    supported = adapter.cache_layer_supported if adapter is not None else (lambda layer: type(layer) is DynamicLayer)
+    if layers is None or any(not supported(layer) for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in (layers or [])})
         raise UnsupportedCacheError(
             f"ivcprune cuts DynamicCache (the default of generate); got {type(cache).__name__} with layers "

@@ -256,6 +256,54 @@ def build_onevision_processor(image_size: int = 384, patch_size: int = 14, *, im
                                    vision_aspect_ratio=vision_aspect_ratio, chat_template=ONEVISION_CHAT_TEMPLATE)
 
 
+# Gemma 3's chat format as google's -it checkpoints write it (without their <bos>: the tiny tokenizer has none):
+# turns between <start_of_turn> / <end_of_turn>, the assistant's role "model", a system turn folded into the first
+# user turn, an image as <start_of_image> (the processor expands it to the full image sequence).
+GEMMA3_CHAT_TEMPLATE = (
+    "{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set system.text = (message['content'] if message['content'] is string else "
+    "message['content'][0]['text']) + '\n\n' %}"
+    "{% else %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if loop.index0 <= 1 %}{{ system.text }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_turn>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+GEMMA3_NAMES = {"<|vision_start|>": "<start_of_image>", "<|vision_end|>": "<end_of_image>",
+                "<|image_pad|>": "<image_soft_token>"}
+
+
+def build_gemma3_processor(image_size: int = 896, image_seq_length: int = 256, *, do_pan_and_scan: bool = False,
+                           pan_and_scan_min_crop_size: int = 256):
+    """Gemma 3's processor as google's checkpoints configure it: images resized to ``image_size`` squared
+    (bilinear, normalised to [-1, 1]), ``<start_of_image>`` expanded to ``\n\n<start_of_image>`` +
+    ``image_seq_length`` ``<image_soft_token>`` + ``<end_of_image>\n\n``, pan-and-scan crops (off by default, as
+    there) each their own such sequence; the tokenizer spells the tiny tokenizer's vision ids that way."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer = build_tokenizer(renamed=GEMMA3_NAMES, chat_template=GEMMA3_CHAT_TEMPLATE,
+                                boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                                image_token="<image_soft_token>")
+    image_processor = Gemma3ImageProcessor(size={"height": image_size, "width": image_size}, resample=2,
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                           do_pan_and_scan=do_pan_and_scan,
+                                           pan_and_scan_min_crop_size=pan_and_scan_min_crop_size,
+                                           pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length,
+                           chat_template=GEMMA3_CHAT_TEMPLATE)
+
+
 def processor_for_config(config, **kwargs):
     """The tiny processor that fits a tiny model's config (its family, tower size and tokens per image)."""
     model_type = config.model_type
@@ -270,4 +318,6 @@ def processor_for_config(config, **kwargs):
     if model_type == "llava_onevision":
         return build_onevision_processor(vc.image_size, vc.patch_size, image_grid_pinpoints=config.image_grid_pinpoints,
                                          vision_aspect_ratio=config.vision_aspect_ratio, **kwargs)
+    if model_type == "gemma3":
+        return build_gemma3_processor(vc.image_size, config.mm_tokens_per_image, **kwargs)
     return build_processor(model_type, **kwargs)

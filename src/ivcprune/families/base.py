@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import cut as _cut
 from ..tiles import TileLayout
 
 
@@ -50,6 +51,26 @@ class RopeInfo:
     # the axis of each frequency where M-RoPE does not give them in contiguous sections (Qwen3-VL's interleaved
     # layout); None: contiguous sections of ``mrope_section``
     axis_of_freq: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AttentionCut:
+    """What the attention mask of a cut forward depends on (the runtime hands it to the family's mask hooks).
+
+    Slots are the cut cache's, this forward's ``q_len`` tokens last; rows are re-left-padded."""
+
+    valid_kv: torch.Tensor  # (B, T) bool: real slots
+    origin_kv: torch.Tensor  # (B, T) long: each slot's index in the unpruned sequence (padding included)
+    q_len: int
+    attn_implementation: str | None
+    dtype: torch.dtype
+    device: torch.device | str
+    context: Any = None  # what :meth:`Family.mask_context` returned at the prefill
+
+    def default(self) -> torch.Tensor | None:
+        """One causal padding mask for every layer (:func:`ivcprune.cut.attention_mask`)."""
+        return _cut.attention_mask(self.valid_kv, self.q_len, attn_implementation=self.attn_implementation,
+                                   dtype=self.dtype, device=self.device)
 
 
 MCQ_INSTRUCTION = {"en": "Please select the correct answer from the options above.", "zh": "请直接回答选项字母。"}
@@ -168,6 +189,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def init_random_weights(cls, model: nn.Module, std: float) -> None:
+        """Give a freshly built random-weight model (``random:NAME``, tiny test models) weights its own
+        initialisation leaves degenerate (e.g. zeros that would make every image token the same); none here."""
+
+    @classmethod
     def synthetic_inputs(cls, config, image_tokens: int, text_tokens: int, seed: int = 0):
         """``(inputs, (h, w))``: a batch-of-one prompt with one image of about ``image_tokens`` visual tokens
         in the family's token layout, noise pixels (benchmarks of models without a processor)."""
@@ -237,6 +263,42 @@ class Family:
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2)
+
+    # -- attention masks and caches of a cut forward -------------------------------------------
+    def mask_context(self, entry_kwargs: dict) -> Any:
+        """What this family's cut masks need from a pruned prefill's inputs (kept with the cache for its decode
+        steps); ``None`` by default."""
+        return None
+
+    def mask_kind(self, layer_idx: int) -> Any:
+        """Layers of the same kind get the same cut mask (the runtime builds it once per kind and forward)."""
+        return None
+
+    def layer_attention_mask(self, layer_idx: int, mask: Any, cut: AttentionCut) -> Any:
+        """The mask decoder layer ``layer_idx`` gets in a cut prefill (``mask``: what the model passed it);
+        by default one causal padding mask for every layer."""
+        return cut.default()
+
+    def decode_attention_mask(self, mask: torch.Tensor | None, cut: AttentionCut) -> Any:
+        """The ``attention_mask`` the decoder's entry gets for a decode step over a pruned cache: ``mask`` is
+        the 2-D mask over the cut cache the runtime made of the caller's (``None`` when the caller passed none);
+        returned as it is by default (the model builds its masks from it)."""
+        return mask
+
+    def attention_window(self, layer: nn.Module) -> int | None:
+        """Keys further than this many positions (original positions) before a query are out of its sight in
+        decoder layer ``layer`` (a sliding-window layer); ``None``: none."""
+        return None
+
+    def cache_layer_supported(self, layer: Any) -> bool:
+        """Whether the runtime can cut this KV-cache layer (:meth:`cut_cache_layer`)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return type(layer) is DynamicLayer
+
+    def cut_cache_layer(self, layer: Any, index: torch.Tensor) -> None:
+        """Cut one cache layer, filled with every token, to the ``(B, M)`` gather index over its slots."""
+        layer.keys, layer.values = _cut.cut_cache(layer.keys, layer.values, index)
 
     def final_norm(self) -> nn.Module:
         """The decoder's norm after its last layer."""

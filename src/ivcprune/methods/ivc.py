@@ -72,6 +72,14 @@ _PRESETS = {
              "mosaic tokens it covers; filled to 50% of the image's content tokens by foreground; the row "
              "newlines always kept, outside the budget; similarity softmax over the scored view",
     ),
+    "gemma3": dict(
+        family="Gemma 3", rule="fill", softmax_domain="span", min_one_seed=True,
+        note="by analogy, not validated on real checkpoints: K at the relative depth 16/28 (27 of 48 for 12B, a "
+             "sliding-window layer; nothing adds visual features inside the decoder); IVC 10% cos + 10% sin per "
+             "256-token image (each pan-and-scan crop its own) from the global layers' rotary (base 1e6, linear "
+             "factor 8: Gemma3.ivc_rotary), seeds 1% (at least 1), fill to 50% by foreground; similarity softmax "
+             "over the span",
+    ),
 }
 
 

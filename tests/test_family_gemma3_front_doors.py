@@ -1,0 +1,203 @@
+"""Every front door on Gemma 3, as on the other families: a tiny checkpoint saved with transformers' real
+Gemma3Processor (built offline), its chat format and image expansion, pan-and-scan crops through the processor,
+``ivcprune generate`` with pictures, batches equal to one-by-one, ``bench`` (checkpoint and ``random:``),
+``eval`` on grounding + multiple choice + yes/no, lmms-eval's ``generate_until`` and ``serve``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivcprune.cli import main
+from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
+from ivcprune.generation import Request, generate_batch
+from ivcprune.inputs import build_inputs, user_message
+from ivcprune.methods import make_method
+from ivcprune.models import load_model, save_tiny_checkpoint
+from ivcprune.tiny import build_gemma3_processor
+
+from benchfix import mmbench_tsv, mme_tsv
+from reference import masked_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3", "tiny-gemma3", init_std=0.15)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(str(checkpoint))
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.BILINEAR)
+
+
+def test_tiny_processor_expands_images_as_the_config_expects(loaded):
+    model, processor = loaded
+    cfg = model.config
+    assert type(processor).__name__ == "Gemma3Processor"
+    tok = processor.tokenizer
+    assert (tok.boi_token, tok.eoi_token, tok.image_token) == \
+        ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    assert (tok.boi_token_id, tok.eoi_token_id, tok.image_token_id) == \
+        (cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id)
+    messages = [{"role": "system", "content": "Be brief."}, *user_message("What is it?", [smooth_image(150, 100)])]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<start_of_turn>user\nBe brief.\n\n<start_of_image>What is it?<end_of_turn>\n<start_of_turn>model\n"
+    inputs, seen = build_inputs(processor, messages)
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(cfg.boi_token_id)
+    assert ids[first + 1:first + 18] == [cfg.image_token_id] * 16 + [cfg.eoi_token_id]
+    assert torch.equal(inputs["token_type_ids"][0], (inputs["input_ids"][0] == cfg.image_token_id).long())
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32) and seen[0].size == (32, 32)
+
+
+def test_pan_and_scan_crops_through_the_processor(loaded):
+    """The processor's pan-and-scan: the image and each crop their own span (a 4x4 grid each), pruned exactly."""
+    model, _ = loaded
+    processor = build_gemma3_processor(32, 16)
+    messages = user_message("Describe it.", [smooth_image(240, 60, 4)])
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[smooth_image(240, 60, 4)], do_pan_and_scan=True,
+                       pan_and_scan_min_crop_size=8, return_tensors="pt")
+    crops = inputs["pixel_values"].shape[0] - 1
+    assert crops >= 2
+    method = make_method("ivc", layer=2, budget=0.5)
+    with torch.no_grad(), method(model):
+        logits = model(**inputs).logits[0]
+    rep = method.last_report
+    assert [(s.length, s.kept, s.grid) for s in rep.spans] == [(16, 8, (1, 4, 4))] * (crops + 1)
+    with torch.no_grad(), masked_reference(model, rep.kept, 2):
+        ref = model(**inputs).logits[0]
+    torch.testing.assert_close(logits, ref[rep.kept], atol=2e-4, rtol=1e-4)
+
+
+def test_generate_writes_answer_report_and_picture(checkpoint, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    smooth_image(300, 200).save(image)
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", "What is it?",
+               "--method", "ivc", "--max-new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "visual tokens" in printed
+    report = json.loads((out / "report.json").read_text())["ivc"]["report"]
+    span = report["spans"][0]
+    assert report["pruned"] and report["layer"] == 2 and span["grid"] == [1, 4, 4] and span["kept"] == 8
+    with Image.open(out / "kept_tokens_0.png") as pic:
+        assert pic.width > 2 * 32
+
+
+@pytest.mark.parametrize("name", ["ivc", "fastv", "pdrop"])
+def test_batch_equals_one_by_one(loaded, name):
+    model, processor = loaded
+    method = make_method(name, layer=2, budget=0.5) if name != "pdrop" else make_method(name)
+    requests = [Request([smooth_image(300, 200, 1)], "What is it?"),
+                Request([], "Say something."),
+                Request([smooth_image(200, 200, 3), smooth_image(400, 120, 4)], "Compare the two pictures, please.")]
+    alone = [generate_batch(model, processor, [r], method, max_new_tokens=12)[0] for r in requests]
+    batch = generate_batch(model, processor, requests, method, max_new_tokens=12)
+    for a, b in zip(alone, batch, strict=True):
+        assert b.tokens == a.tokens and torch.equal(b.prompt_ids, a.prompt_ids)
+        assert torch.equal(b.report.kept, a.report.kept)
+    assert batch[0].report.pruned and not batch[1].report.pruned and len(batch[2].report.spans) == 2
+
+
+def test_bench_checkpoint_and_random(checkpoint, capsys):
+    rc = main(["bench", "--model", str(checkpoint), "--image-tokens", "16", "--repeats", "1", "--warmup", "0",
+               "--new-tokens", "3", "--layer", "2", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["seq_len"] > row["kept_len"] and row["pruned"]["prefill_s"] > 0 and row["grid"] == [4, 4]
+    # the 12B's shapes, narrowed and shortened (two decoder layers: one sliding, one global with the 1:1 pattern)
+    rc = main(["bench", "--model", "random:gemma-3-12b", "--set", "hidden_size=64", "--set", "intermediate_size=128",
+               "--set", "num_attention_heads=2", "--set", "num_key_value_heads=1", "--set", "head_dim=32",
+               "--set", "num_hidden_layers=2", "--set", "sliding_window_pattern=2",
+               "--set", "vision.num_hidden_layers=1", "--set", "vision.hidden_size=32",
+               "--set", "vision.intermediate_size=64", "--set", "vision.num_attention_heads=2",
+               "--set", "vision.image_size=224", "--image-tokens", "256", "--repeats", "1", "--warmup", "0",
+               "--new-tokens", "2", "--layer", "1", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["grid"] == [16, 16] and row["seq_len"] > row["kept_len"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
+                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
+    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+
+
+def test_eval_grounding_mcq_yesno(checkpoint, datasets, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["eval", "--model", str(checkpoint), "--data", ",".join(map(str, datasets)), "--method", "ivc",
+               "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
+        m = json.loads((out / bench / "metrics.json").read_text())
+        assert m["task"] == task and m["score"] is not None and m["n_failed"] == 0
+        assert 0 < m["mean_kept_visual_ratio"] < 1
+        info = json.loads((out / bench / "run.json").read_text())
+        assert info["style"] == "gemma3" and info["pixels"] is None  # the processor sizes the images
+        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+
+
+def test_lmms_eval_generate_until(checkpoint):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from ivcprune.integrations.lmms_eval import IVCPruneLMM
+
+    lm = IVCPruneLMM(pretrained=str(checkpoint), method="ivc", layer=2, budget=0.5, batch_size=2)
+    docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": None, "q": "Hello."}]
+    lm.task_dict = {"t": {"test": docs}}
+
+    def visual(doc):
+        return [doc["image"]] if doc["image"] is not None else []
+
+    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
+                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
+                for i, d in enumerate(docs)]
+    answers = lm.generate_until(requests)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    assert reports[0]["visual_tokens"] == 16 and reports[0]["visual_kept"] == 8 and reports[1]["visual_tokens"] == 0
+
+
+def test_serve_answers_are_the_generation_paths(loaded):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    import openai
+
+    from ivcprune.serve import MethodSpec, ServeConfig, ServerThread
+
+    model, processor = loaded
+    im = smooth_image(300, 200, 7)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    ref = generate_batch(model, processor, [Request([im], "What is it?")], make_method("ivc", layer=2, budget=0.5),
+                         max_new_tokens=6)[0]
+    config = ServeConfig("tiny", MethodSpec.of("ivc", {"layer": 2, "budget": 0.5}), max_batch_size=2)
+    with ServerThread(model, processor, config) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=6)
+    assert resp.choices[0].message.content == ref.text
+    assert resp.pruning["images"] == [{"visual_tokens": 16, "visual_kept": 8}]

@@ -15,7 +15,6 @@ from PIL import Image
 from ivcprune.boxes import parse_box
 from ivcprune.cli import main
 from ivcprune.evals.grounding import authors_to_original, grounding_record, to_original
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.families.internvl import InternVL
 from ivcprune.generation import Request, generate_batch
 from ivcprune.inputs import build_inputs, user_message
@@ -25,8 +24,8 @@ from ivcprune.models import load_model, save_tiny_checkpoint
 from ivcprune.tiles import TileLayout, match_tiling
 from ivcprune.tiny import TOKEN_IDS, build_internvl_processor, build_llava_processor
 
-from benchfix import mmbench_tsv, mme_tsv
 from conftest import FAMILIES
+from frontdoors import eval_datasets, lmms_generate, run_eval, smooth_image
 
 NAMES = {family: FAMILIES[family] for family in ("llava", "internvl")}
 # LLaVA-1.5's preset keeps its union rule: the budget given to every family is ignored there, with a warning
@@ -43,13 +42,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoints):
     return {family: load_model(str(path)) for family, path in checkpoints.items()}
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth random content (coarse noise, bilinear): every part of the image looks different."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
-    return coarse.resize((width, height), Image.BILINEAR)
 
 
 # -- checkpoints and processors ----------------------------------------------------------------------------
@@ -205,27 +197,14 @@ def test_image_flags_of_another_family_are_refused_before_loading(checkpoints, t
 # -- eval ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
-                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
-    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+    return eval_datasets(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("family", list(NAMES))
 def test_eval_grounding_mcq_yesno(family, checkpoints, datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["eval", "--model", str(checkpoints[family]), "--data", ",".join(map(str, datasets)), "--method", "ivc",
-               "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
-               "--out", str(out), "--quiet"])
-    assert rc == 0, capsys.readouterr().err
-    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
-        m = json.loads((out / bench / "metrics.json").read_text())
-        assert m["task"] == task and m["score"] is not None and m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
-        assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
-        info = json.loads((out / bench / "run.json").read_text())
-        assert info["style"] == family and info["max_tiles"] == (6 if family == "internvl" else None)
-        assert info["pixels"] is None  # the processor sizes the images
-        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    runs = run_eval(checkpoints[family], datasets, out, capsys, family)
+    assert all(info["max_tiles"] == (6 if family == "internvl" else None) for _, info in runs.values())
     rec = json.loads((out / "ground" / "predictions.jsonl").read_text().splitlines()[0])
     assert rec["task"] == "grounding" and rec["gt"] == [20.0, 30.0, 150.0, 120.0]
     prompt = json.loads((out / "ground" / "run.json").read_text())["prompt"]
@@ -236,24 +215,9 @@ def test_eval_grounding_mcq_yesno(family, checkpoints, datasets, tmp_path, capsy
 @pytest.mark.parametrize("family", list(NAMES))
 def test_lmms_eval_generate_until(family, checkpoints):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
-
-    from ivcprune.integrations.lmms_eval import IVCPruneLMM
-
-    lm = IVCPruneLMM(pretrained=str(checkpoints[family]), method="ivc", layer=2, budget=0.5, batch_size=2)
     docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": smooth_image(150, 300, 6), "q": "Why?"},
             {"image": None, "q": "Hello."}]
-    lm.task_dict = {"t": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]] if doc["image"] is not None else []
-
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
-                for i, d in enumerate(docs)]
-    answers = lm.generate_until(requests)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    _, reports = lmms_generate(checkpoints[family], docs)
     assert [r["doc_id"] for r in reports] == [0, 1, 2]
     assert reports[0]["visual_tokens"] > reports[0]["visual_kept"] > 0 and reports[2]["visual_tokens"] == 0
     if family == "internvl":

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ivcprune.cli import main
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.generation import Request, generate_batch
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.methods import make_method
 from ivcprune.models import load_model, save_tiny_checkpoint
 from ivcprune.tiny import build_gemma3_processor
 
-from benchfix import mmbench_tsv, mme_tsv
+from frontdoors import eval_datasets, lmms_generate, run_eval, serve_one, smooth_image
 from reference import masked_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,12 +32,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     return load_model(str(checkpoint))
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
-    return coarse.resize((width, height), Image.BILINEAR)
 
 
 def test_tiny_processor_expands_images_as_the_config_expects(loaded):
@@ -134,70 +126,22 @@ def test_bench_checkpoint_and_random(checkpoint, capsys):
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
-                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
-    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+    return eval_datasets(tmp_path_factory.mktemp("data"))
 
 
 def test_eval_grounding_mcq_yesno(checkpoint, datasets, tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = main(["eval", "--model", str(checkpoint), "--data", ",".join(map(str, datasets)), "--method", "ivc",
-               "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
-               "--out", str(out), "--quiet"])
-    assert rc == 0, capsys.readouterr().err
-    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
-        m = json.loads((out / bench / "metrics.json").read_text())
-        assert m["task"] == task and m["score"] is not None and m["n_failed"] == 0
-        assert 0 < m["mean_kept_visual_ratio"] < 1
-        info = json.loads((out / bench / "run.json").read_text())
-        assert info["style"] == "gemma3" and info["pixels"] is None  # the processor sizes the images
-        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    run_eval(checkpoint, datasets, tmp_path / "run", capsys, "gemma3")
 
 
 def test_lmms_eval_generate_until(checkpoint):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
-
-    from ivcprune.integrations.lmms_eval import IVCPruneLMM
-
-    lm = IVCPruneLMM(pretrained=str(checkpoint), method="ivc", layer=2, budget=0.5, batch_size=2)
     docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": None, "q": "Hello."}]
-    lm.task_dict = {"t": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]] if doc["image"] is not None else []
-
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
-                for i, d in enumerate(docs)]
-    answers = lm.generate_until(requests)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    _, reports = lmms_generate(checkpoint, docs)
     assert reports[0]["visual_tokens"] == 16 and reports[0]["visual_kept"] == 8 and reports[1]["visual_tokens"] == 0
 
 
 def test_serve_answers_are_the_generation_paths(loaded):
     pytest.importorskip("fastapi")
-    import base64
-    import io
-
-    import openai
-
-    from ivcprune.serve import MethodSpec, ServeConfig, ServerThread
-
     model, processor = loaded
-    im = smooth_image(300, 200, 7)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    ref = generate_batch(model, processor, [Request([im], "What is it?")], make_method("ivc", layer=2, budget=0.5),
-                         max_new_tokens=6)[0]
-    config = ServeConfig("tiny", MethodSpec.of("ivc", {"layer": 2, "budget": 0.5}), max_batch_size=2)
-    with ServerThread(model, processor, config) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
-        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                              max_tokens=6)
-    assert resp.choices[0].message.content == ref.text
+    resp, _ = serve_one(model, processor, smooth_image(300, 200, 7), {"layer": 2, "budget": 0.5}, max_batch_size=2)
     assert resp.pruning["images"] == [{"visual_tokens": 16, "visual_kept": 8}]

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ivcprune.cli import main
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.families.llava_onevision import image_layout
 from ivcprune.generation import Request, generate_batch
 from ivcprune.inputs import build_inputs, user_message
@@ -22,8 +20,8 @@ from ivcprune.methods import make_method
 from ivcprune.models import load_model, save_tiny_checkpoint
 from ivcprune.tiny import TOKEN_IDS
 
-from benchfix import mmbench_tsv, mme_tsv
 from conftest import FAMILIES
+from frontdoors import eval_datasets, lmms_generate, run_eval, serve_one, smooth_image
 
 NAME = FAMILIES["llava_onevision"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,12 +35,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     return load_model(str(checkpoint))
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
-    return coarse.resize((width, height), Image.BILINEAR)
 
 
 SIZES = [(300, 200), (120, 260), (56, 56), (500, 90), (90, 500), (170, 60), (1000, 700), (30, 40)]
@@ -143,75 +135,28 @@ def test_bench_random_shape_at_reduced_width(capsys):
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
-                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
-    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+    return eval_datasets(tmp_path_factory.mktemp("data"))
 
 
 def test_eval_grounding_mcq_yesno(checkpoint, datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["eval", "--model", str(checkpoint), "--data", ",".join(map(str, datasets)), "--method", "ivc",
-               "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
-               "--out", str(out), "--quiet"])
-    assert rc == 0, capsys.readouterr().err
-    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
-        m = json.loads((out / bench / "metrics.json").read_text())
-        assert m["task"] == task and m["score"] is not None and m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
-        assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
-        info = json.loads((out / bench / "run.json").read_text())
-        assert info["style"] == "llava_onevision" and info["pixels"] is None
-        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    run_eval(checkpoint, datasets, out, capsys, "llava_onevision")
     prompt = json.loads((out / "ground" / "run.json").read_text())["prompt"]
     assert prompt.startswith("Please provide the bounding box coordinate of the region this sentence describes")
 
 
 def test_lmms_eval_generate_until(checkpoint):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
-
-    from ivcprune.integrations.lmms_eval import IVCPruneLMM
-
-    lm = IVCPruneLMM(pretrained=str(checkpoint), method="ivc", layer=2, budget=0.5, batch_size=2)
     docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": smooth_image(150, 300, 6), "q": "Why?"},
             {"image": None, "q": "Hello."}]
-    lm.task_dict = {"t": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]] if doc["image"] is not None else []
-
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
-                for i, d in enumerate(docs)]
-    answers = lm.generate_until(requests)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    _, reports = lmms_generate(checkpoint, docs)
     assert reports[0]["visual_tokens"] == 76 and reports[0]["visual_tokens"] > reports[0]["visual_kept"] > 0
     assert reports[2]["visual_tokens"] == 0
 
 
 def test_serve(loaded):
     pytest.importorskip("fastapi")
-    import base64
-    import io
-
-    import openai
-
-    from ivcprune.serve import MethodSpec, ServeConfig, ServerThread
-
     model, processor = loaded
-    knobs = {"layer": 2, "budget": 0.5}
-    im = smooth_image(300, 200, 1)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    ref = generate_batch(model, processor, [Request([im], "What is it?")], make_method("ivc", **knobs),
-                         max_new_tokens=6)[0]
-    with ServerThread(model, processor, ServeConfig("tiny", MethodSpec.of("ivc", knobs))) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
-        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                              max_tokens=6)
-    assert resp.choices[0].message.content == ref.text
+    resp, ref = serve_one(model, processor, smooth_image(300, 200, 1), {"layer": 2, "budget": 0.5})
     (span,) = ref.report.spans
     assert resp.pruning["images"] == [{"visual_tokens": span.length, "visual_kept": span.kept}]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,14 +14,13 @@ from PIL import Image
 from ivcprune.boxes import parse_box
 from ivcprune.cli import main
 from ivcprune.evals.grounding import authors_to_original, grounding_record, to_original
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.families import FAMILIES as REGISTERED
 from ivcprune.generation import Request, generate_batch
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.methods import make_method
 from ivcprune.models import load_model, save_tiny_checkpoint
 
-from benchfix import mmbench_tsv, mme_tsv
+from frontdoors import eval_datasets, lmms_generate, run_eval, serve_one, smooth_image
 
 NAMES = {"qwen3_vl": "tiny-qwen3-vl", "qwen3_vl_moe": "tiny-qwen3-vl-moe"}
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,12 +35,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoints):
     return {family: load_model(str(path)) for family, path in checkpoints.items()}
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
-    return coarse.resize((width, height), Image.BILINEAR)
 
 
 def frames(n: int = 4, seed: int = 0) -> list[Image.Image]:
@@ -131,74 +123,29 @@ def test_bench_random_reduced(capsys):
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
-                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
-    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+    return eval_datasets(tmp_path_factory.mktemp("data"))
 
 
 def test_eval_grounding_mcq_yesno(checkpoints, datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["eval", "--model", str(checkpoints["qwen3_vl"]), "--data", ",".join(map(str, datasets)), "--method",
-               "ivc", "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
-               "--out", str(out), "--quiet"])
-    assert rc == 0, capsys.readouterr().err
-    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
-        m = json.loads((out / bench / "metrics.json").read_text())
-        assert m["task"] == task and m["score"] is not None and m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
-        assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
-        info = json.loads((out / bench / "run.json").read_text())
-        assert info["style"] == "qwen3_vl"
-        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    run_eval(checkpoints["qwen3_vl"], datasets, out, capsys, "qwen3_vl", processor_sized=False)
     prompt = json.loads((out / "ground" / "run.json").read_text())["prompt"]
     assert prompt == "Locate {ref} in the image and output its bbox coordinates in JSON format."
 
 
 def test_lmms_eval_generate_until(checkpoints):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
-
-    from ivcprune.integrations.lmms_eval import IVCPruneLMM
-
-    lm = IVCPruneLMM(pretrained=str(checkpoints["qwen3_vl_moe"]), method="ivc", layer=2, budget=0.5, batch_size=2)
     docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": smooth_image(150, 300, 6), "q": "Why?"},
             {"image": None, "q": "Hello."}]
-    lm.task_dict = {"t": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]] if doc["image"] is not None else []
-
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
-                for i, d in enumerate(docs)]
-    answers = lm.generate_until(requests)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    _, reports = lmms_generate(checkpoints["qwen3_vl_moe"], docs)
     assert reports[0]["visual_tokens"] > reports[0]["visual_kept"] > 0 and reports[2]["visual_tokens"] == 0
 
 
 def test_serve(loaded):
     pytest.importorskip("fastapi")
-    openai = pytest.importorskip("openai")
-    import base64
-    import io
-
-    from ivcprune.serve import MethodSpec, ServeConfig, ServerThread
-
+    pytest.importorskip("openai")
     model, processor = loaded["qwen3_vl"]
-    buf = io.BytesIO()
-    image = smooth_image(300, 200, 7)
-    image.save(buf, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    ref = generate_batch(model, processor, [Request([image], "What is it?")], make_method("ivc", layer=2, budget=0.5),
-                         max_new_tokens=5)[0]
-    config = ServeConfig("tiny", MethodSpec.of("ivc", {"layer": 2, "budget": 0.5}), max_batch_size=2)
-    with ServerThread(model, processor, config) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
-        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                              max_tokens=5)
-    assert resp.choices[0].message.content == ref.text
+    resp, ref = serve_one(model, processor, smooth_image(300, 200, 7), {"layer": 2, "budget": 0.5}, max_batch_size=2)
     assert resp.pruning["images"] == [{"visual_tokens": s.length, "visual_kept": s.kept} for s in ref.report.spans]
 
 

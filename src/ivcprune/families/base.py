@@ -332,6 +332,19 @@ class Family:
         return value_out.reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
 
+class LlavaPrompts:
+    """VLMEvalKit's LLaVA-style prompts (mixed into LLaVA families): the letter multiple-choice prompt, and yes/no
+    questions as written."""
+
+    @classmethod
+    def mcq_prompt(cls, question: str, options: dict[str, str], hint: str | None = None) -> str:
+        return letter_mcq_prompt(question, options, hint)
+
+    @classmethod
+    def yesno_prompt(cls, question: str) -> str:
+        return question.rstrip()
+
+
 class Rope1DFamily(Family):
     """Families whose decoder uses plain 1-D RoPE: position ids ``(B, S)``, values from ``self_attn.v_proj``
     (LLaVA, InternVL)."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..tiles import AnyResLayout, unpadded_mosaic
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import Rope1DFamily, Span, letter_mcq_prompt, override_spec, token_runs
+from .base import LlavaPrompts, Rope1DFamily, Span, override_spec, token_runs
 
 # SigLIP so400m patch14-384 (the 7B's tower: all 27 layers, hidden states of the last, every patch kept)
 _SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -86,7 +86,7 @@ def video_side(config) -> int:
     return math.ceil(vision_side(config) / 2)
 
 
-class LlavaOnevision(Rope1DFamily):
+class LlavaOnevision(LlavaPrompts, Rope1DFamily):
     """LLaVA-OneVision: AnyRes image spans (base view + unpadded mosaic with row newlines), pooled video frames,
     a Qwen2 decoder with 1-D RoPE."""
 
@@ -135,15 +135,6 @@ class LlavaOnevision(Rope1DFamily):
         inputs = anyres_prompt(config, [(rows * px, cols * px)], text_tokens, generator=g)
         layout = image_layout(config, (rows * px, cols * px))
         return inputs, (layout.rows, layout.cols)
-
-    @classmethod
-    def mcq_prompt(cls, question: str, options: dict[str, str], hint: str | None = None) -> str:
-        """The LLaVA multiple-choice prompt (VLMEvalKit's LLaVA style)."""
-        return letter_mcq_prompt(question, options, hint)
-
-    @classmethod
-    def yesno_prompt(cls, question: str) -> str:
-        return question.rstrip()
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

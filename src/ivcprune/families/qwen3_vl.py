@@ -36,27 +36,17 @@ from torch import nn
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
 from .base import RopeInfo
 from .qwen_vl import _QWEN_TOKENS, QwenVL
+from .qwen_vl import _text as qwen_text
 
 _PX = 32 * 32  # pixels of one merged visual token (16-pixel patches, 2x2 merge)
 
 
 def _text(vocab, hidden, ffn, layers, heads, kv_heads, head_dim, max_pos, tied, theta=5000000.0,
           section=(24, 20, 20), **extra):
-    return dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_pos,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": list(section),
-                         "mrope_interleaved": True},
-        tie_word_embeddings=tied,
-        **extra,
-    )
+    """Qwen2.5-VL's text spec with Qwen3-VL's differences: an explicit head size, interleaved M-RoPE sections."""
+    spec = qwen_text(vocab, hidden, ffn, layers, heads, kv_heads, max_pos, tied, theta=theta, section=section)
+    spec["rope_parameters"]["mrope_interleaved"] = True
+    return {**spec, "head_dim": head_dim, **extra}
 
 
 # The Qwen3-VL vision tower (SigLIP-2 sized, 16-pixel patches, learned position grid of 48x48, DeepStack mergers

@@ -97,3 +97,33 @@ def serve_one(model, processor, image: Image.Image, knobs: dict, **config):
                                               max_tokens=6)
     assert resp.choices[0].message.content == ref.text
     return resp, ref
+
+
+def generate_one(checkpoint, tmp_path: Path, capsys, *flags: str) -> tuple[dict, str, int]:
+    """``ivcprune generate --out`` with IVC-Prune on one 300x200 image (plus ``flags``): the report, what was
+    printed, and the width of the kept-tokens picture."""
+    image = tmp_path / "img.png"
+    smooth_image(300, 200).save(image)
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", "What is it?",
+               "--method", "ivc", *flags, "--max-new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "visual tokens" in printed
+    with Image.open(out / "kept_tokens_0.png") as pic:
+        width = pic.width
+    return json.loads((out / "report.json").read_text())["ivc"]["report"], printed, width
+
+
+def batch_and_alone(model, processor, requests: list[Request], method, max_new_tokens: int):
+    """``requests`` generated one by one and as one batch: each row equals its request alone (tokens, prompt,
+    kept positions, span reports). Returns ``(alone, batch)``."""
+    import torch
+
+    alone = [generate_batch(model, processor, [r], method, max_new_tokens=max_new_tokens)[0] for r in requests]
+    batch = generate_batch(model, processor, requests, method, max_new_tokens=max_new_tokens)
+    for a, b in zip(alone, batch, strict=True):
+        assert b.tokens == a.tokens and torch.equal(b.prompt_ids, a.prompt_ids)
+        assert torch.equal(b.report.kept, a.report.kept)
+        assert [s.to_dict() for s in b.report.spans] == [s.to_dict() for s in a.report.spans]
+    return alone, batch

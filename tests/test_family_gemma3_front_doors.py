@@ -9,16 +9,15 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from ivcprune.cli import main
-from ivcprune.generation import Request, generate_batch
+from ivcprune.generation import Request
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.methods import make_method
 from ivcprune.models import load_model, save_tiny_checkpoint
 from ivcprune.tiny import build_gemma3_processor
 
-from frontdoors import eval_datasets, lmms_generate, run_eval, serve_one, smooth_image
+from frontdoors import batch_and_alone, eval_datasets, generate_one, lmms_generate, run_eval, serve_one, smooth_image
 from reference import masked_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,19 +74,10 @@ def test_pan_and_scan_crops_through_the_processor(loaded):
 
 
 def test_generate_writes_answer_report_and_picture(checkpoint, tmp_path, capsys):
-    image = tmp_path / "img.png"
-    smooth_image(300, 200).save(image)
-    out = tmp_path / "out"
-    rc = main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", "What is it?",
-               "--method", "ivc", "--max-new-tokens", "4", "--out", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "visual tokens" in printed
-    report = json.loads((out / "report.json").read_text())["ivc"]["report"]
+    report, _, width = generate_one(checkpoint, tmp_path, capsys)
     span = report["spans"][0]
     assert report["pruned"] and report["layer"] == 2 and span["grid"] == [1, 4, 4] and span["kept"] == 8
-    with Image.open(out / "kept_tokens_0.png") as pic:
-        assert pic.width > 2 * 32
+    assert width > 2 * 32
 
 
 @pytest.mark.parametrize("name", ["ivc", "fastv", "pdrop"])
@@ -97,11 +87,7 @@ def test_batch_equals_one_by_one(loaded, name):
     requests = [Request([smooth_image(300, 200, 1)], "What is it?"),
                 Request([], "Say something."),
                 Request([smooth_image(200, 200, 3), smooth_image(400, 120, 4)], "Compare the two pictures, please.")]
-    alone = [generate_batch(model, processor, [r], method, max_new_tokens=12)[0] for r in requests]
-    batch = generate_batch(model, processor, requests, method, max_new_tokens=12)
-    for a, b in zip(alone, batch, strict=True):
-        assert b.tokens == a.tokens and torch.equal(b.prompt_ids, a.prompt_ids)
-        assert torch.equal(b.report.kept, a.report.kept)
+    _, batch = batch_and_alone(model, processor, requests, method, 12)
     assert batch[0].report.pruned and not batch[1].report.pruned and len(batch[2].report.spans) == 2
 
 

@@ -5,6 +5,8 @@ sees each of them; what is refused (flash attention, VisionZip)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -253,3 +255,19 @@ def test_flash_attention_is_refused_with_the_fix(models):
 def test_visionzip_is_refused_for_siglip(models):
     with pytest.raises(UnsupportedModelError, match="no CLS token"):
         make_method("visionzip")(models["sdpa"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_cut_masks_are_built_on_the_device_the_layers_run_on(attn, window):
+    """The runtime keeps its bookkeeping (valid slots, origins, image blocks) on the CPU; the masks must land on
+    the device the cut says (on a GPU, a CPU mask makes every Gemma 3 forward fail). ``meta`` stands in for it."""
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    origin = torch.tensor([[0, 1, 2, 4, 5, 7]])
+    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1]])
+    cut = AttentionCut(valid_kv=valid, origin_kv=origin, q_len=6, attn_implementation=attn, dtype=torch.float32,
+                       device=torch.device("meta"))
+    on_cpu = gemma3.cut_mask(dataclasses.replace(cut, device=torch.device("cpu")), window, blocks)
+    on_meta = gemma3.cut_mask(cut, window, blocks)
+    assert on_meta.device.type == "meta" and on_cpu.device.type == "cpu"
+    assert on_meta.shape == on_cpu.shape and on_meta.dtype == on_cpu.dtype

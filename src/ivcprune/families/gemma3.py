@@ -91,7 +91,7 @@ def cut_mask(cut: AttentionCut, window: int | None, blocks: torch.Tensor | None,
     its own image block (``blocks``: ``(B, S)`` block ids of the unpruned chunk starting at original index
     ``offset``), and in a sliding layer only keys less than ``window`` original positions back. Padding queries
     see themselves only. sdpa: a 4-D bool mask; eager: 4-D additive float."""
-    valid, origin, q = cut.valid_kv, cut.origin_kv, cut.q_len
+    valid, origin, q = cut.valid_kv.to(cut.device), cut.origin_kv.to(cut.device), cut.q_len
     T = valid.shape[1]
     n = T if window is None else min(window - 1, T - q) + q
     kv_valid, kv_origin, q_origin = valid[:, T - n:], origin[:, T - n:], origin[:, T - q:]
@@ -110,7 +110,7 @@ def cut_mask(cut: AttentionCut, window: int | None, blocks: torch.Tensor | None,
         allowed &= (q_origin[:, :, None] - kv_origin[:, None, :]) < window
     allowed &= kv_valid[:, None, :]
     own = torch.zeros_like(allowed)
-    own[:, torch.arange(q), torch.arange(n - q, n)] = True
+    own[:, torch.arange(q, device=own.device), torch.arange(n - q, n, device=own.device)] = True
     allowed |= own & ~valid[:, T - q:, None]
     allowed = allowed[:, None]  # (B, 1, q, n)
     if cut.attn_implementation == "sdpa":

@@ -13,7 +13,8 @@ from ivcprune.tiny import TOKEN_IDS
 
 # every registered family, by its tiny test config
 FAMILIES = {mt: next(n for n in cls.random_configs if n.startswith("tiny-")) for mt, cls in REGISTERED.items()}
-QWEN = ("qwen2_5_vl", "qwen2_vl")
+QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+FRAME_BLOCKS = ("qwen3_vl", "qwen3_vl_moe")  # a video is one <vs> ... <ve> block per frame, after a timestamp
 
 IMG = TOKEN_IDS["image_token_id"]
 VID = TOKEN_IDS["video_token_id"]
@@ -42,7 +43,11 @@ def make_inputs(model, media=(("image", 1, 8, 12),), text_before=6, text_after=9
     pix, vpix, grids, vgrids = [], [], [], []
     for kind, t, h, w in media:
         n = t * h * w // 4
-        ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
+        if kind == "video" and cfg.model_type in FRAME_BLOCKS:  # "<0.5 seconds>" text, then the frame's block
+            for _ in range(t):
+                ids += torch.randint(3, 250, (3,), generator=g).tolist() + [VS] + [VID] * (n // t) + [VE]
+        else:
+            ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
         ids += torch.randint(3, 250, (2,), generator=g).tolist()
         (pix if kind == "image" else vpix).append(torch.randn(t * h * w, patch_dim, generator=g))
         (grids if kind == "image" else vgrids).append([t, h, w])
@@ -65,6 +70,8 @@ def family_media(model, media, text_before, text_after, seed):
     """:func:`make_inputs` for LLaVA (each image or video one image of the tower's size) and InternVL (an
     image of h x w patches is ``max(1, h // 8) x max(1, w // 8)`` tiles, plus the thumbnail when several;
     a video of t frames is t one-tile images)."""
+    if model.config.model_type == "llava_onevision":
+        return onevision_media(model, media, text_before, text_after, seed)
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     vc = cfg.vision_config
@@ -73,6 +80,9 @@ def family_media(model, media, text_before, text_after, seed):
     for kind, t, h, w in media:
         if cfg.model_type == "llava":
             ids += [IMG] * cfg.image_seq_length
+            pix.append(torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g))
+        elif cfg.model_type == "gemma3":  # one image per medium, each <boi> + mm_tokens_per_image + <eoi>
+            ids += [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
             pix.append(torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g))
         else:
             grids = [(max(1, h // 8), max(1, w // 8))] if kind == "image" else [(1, 1)] * t
@@ -84,8 +94,45 @@ def family_media(model, media, text_before, text_after, seed):
     ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
     input_ids = torch.tensor([ids])
     out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if cfg.model_type == "gemma3":  # as Gemma3Processor returns them: 1 on image tokens
+        out["token_type_ids"] = (input_ids == cfg.image_token_id).long()
     if pix:
         out["pixel_values"] = torch.cat(pix)
+    return out
+
+
+def onevision_media(model, media, text_before, text_after, seed):
+    """:func:`make_inputs` for LLaVA-OneVision: an image of h x w patches is an image of ``10h x 10w`` pixels (its
+    base view and mosaic with row newlines; base view and newline only when the prompt has several images, as
+    the processor treats them); a video of t frames is t pooled frames and a newline."""
+    from ivcprune.families.llava_onevision import image_layout, tile_grid, video_side
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    px, C = cfg.vision_config.image_size, cfg.vision_config.num_channels
+    images = [(10 * h, 10 * w) for kind, t, h, w in media if kind == "image"]
+    ids = torch.randint(3, 250, (text_before,), generator=g).tolist()
+    pix, vpix = [], []
+    for kind, t, h, w in media:
+        if kind == "image":
+            hw = None if len(images) > 1 else (10 * h, 10 * w)
+            ids += [IMG] * image_layout(cfg, hw).length
+            rows, cols = tile_grid(hw, cfg.image_grid_pinpoints, px) if hw else (0, 0)
+            pix.append(torch.randn(1 + rows * cols, C, px, px, generator=g))
+        else:
+            ids += [VID] * (t * video_side(cfg) ** 2 + 1)
+            vpix.append(torch.randn(1, t, C, px, px, generator=g))
+        ids += torch.randint(3, 250, (2,), generator=g).tolist()
+    ids += torch.randint(3, 250, (text_after,), generator=g).tolist()
+    input_ids = torch.tensor([ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if pix:
+        most = max(x.shape[0] for x in pix)
+        out["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) for x in pix])
+        out["image_sizes"] = torch.tensor(images)
+        out["batch_num_images"] = torch.tensor([len(images)])
+    if vpix:
+        out["pixel_values_videos"] = torch.cat(vpix)
     return out
 
 
@@ -103,8 +150,14 @@ def batch_inputs(rows: list[dict]) -> dict:
     }
     if "mm_token_type_ids" in rows[0]:
         out["mm_token_type_ids"] = torch.cat([left_pad(r["mm_token_type_ids"], 0) for r in rows])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    if "token_type_ids" in rows[0]:
+        out["token_type_ids"] = torch.cat([left_pad(r["token_type_ids"], 0) for r in rows])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+                "batch_num_images"):
         parts = [r[key] for r in rows if key in r]
+        if parts and key == "pixel_values" and parts[0].dim() == 5:  # LLaVA-OneVision: patches padded to the most
+            most = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], dim=1) for p in parts]
         if parts:
             out[key] = torch.cat(parts)
     return out

@@ -28,7 +28,11 @@ def masked_reference(model, keep: torch.Tensor, layer: int):
 def masked_stages(model, stages):
     """Multi-stage :func:`masked_reference`: ``stages`` are ``(layer, keep)`` in layer order; during prefill,
     layer ``l`` sees as keys the prompt positions kept by the last stage at or before ``l`` (all before the
-    first); later tokens see, at every layer, the positions kept by the last stage."""
+    first); later tokens see, at every layer, the positions kept by the last stage.
+
+    Where the model hands a layer a 4-D mask of its own (a batch of one), the pruned keys are masked on top of
+    it, so whatever else it encodes (Gemma 3's bidirectional image blocks and sliding windows, in original
+    positions) stays; otherwise the mask is plain causal."""
     lm = model.model.language_model
     prompt_len = None
 
@@ -56,6 +60,17 @@ def masked_stages(model, stages):
                 prompt_keep = torch.zeros(prompt_len, dtype=torch.bool, device=device)
                 prompt_keep[torch.as_tensor(keep, device=device)] = True
                 key_ok[:prompt_len] = prompt_keep
+            own = kwargs.get("attention_mask")
+            if isinstance(own, torch.Tensor) and own.dim() == 4 and own.shape[0] == 1:
+                # the model's own mask of this layer (bidirectional image blocks, sliding windows: Gemma 3) over
+                # the keys its cache hands the layer (a sliding cache: the last ones), pruned keys masked too;
+                # a query whose every key is masked keeps itself (finite, never read by a kept token)
+                seen = own.shape[-1]
+                allowed = (own[0, 0] if own.dtype == torch.bool else own[0, 0] == 0) & key_ok[kv - seen:][None, :]
+                allowed[torch.arange(q), torch.arange(seen - q, seen)] |= ~allowed.any(-1)
+                mask = torch.zeros(1, 1, q, seen, dtype=hidden.dtype, device=device)
+                kwargs["attention_mask"] = mask.masked_fill_(~allowed[None, None], torch.finfo(hidden.dtype).min)
+                return args, kwargs
             rows = torch.arange(past, past + q, device=device)[:, None]
             cols = torch.arange(kv, device=device)[None, :]
             allowed = (cols <= rows) & key_ok[None, :]

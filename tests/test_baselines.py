@@ -36,9 +36,15 @@ def _top(scores, candidates, k):
     return set(order[:k])
 
 
+def _content(s):
+    """A span's positions that methods rank: all but its structure tokens (LLaVA-OneVision's newlines)."""
+    return set(range(s.start, s.start + s.length)) - set(s.positions("structure").tolist())
+
+
 def _text_positions(rep):
-    visual = {p for s in rep.spans for p in range(s.start, s.start + s.length)}
-    return {p for p in range(rep.seq_len) if p not in visual}
+    """Positions every cut keeps: the text, and the spans' structure tokens."""
+    content = set().union(*(_content(s) for s in rep.spans))
+    return {p for p in range(rep.seq_len) if p not in content}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -51,9 +57,10 @@ def test_fastv_keeps_the_tokens_eager_attention_ranks_first(family):
     rep = method.last_report
     row = _last_row(eager, inputs, 1)  # layer K-1
     for s in rep.spans:
-        expected = _top(row, range(s.start, s.start + s.length), method.target_count(s.length, rep.config))
+        content = _content(s)
+        expected = _top(row, content, method.target_count(len(content), rep.config))
         assert set(s.groups["fastv"].tolist()) == expected
-        assert {p for p in rep.kept.tolist() if s.start <= p < s.start + s.length} == expected
+        assert {p for p in rep.kept.tolist() if p in content} == expected
 
 
 def test_pdrop_defaults():
@@ -82,13 +89,14 @@ def test_pdrop_stages_match_eager_attention_and_the_masked_reference(family):
     stages = rep.config["stages"]
     assert stages == [2, 4, 6]
     text = _text_positions(rep)
-    alive = {s.index: set(range(s.start, s.start + s.length)) for s in rep.spans}
+    alive = {s.index: _content(s) for s in rep.spans}
+    sizes = {s.index: len(alive[s.index]) for s in rep.spans}
     masks = []
     for step, layer in enumerate(stages, start=1):
         row = _last_row(eager, inputs, layer, masks)  # the stage layer's own attention, earlier stages masked
         keep = set(text)
         for s in rep.spans:
-            alive[s.index] = _top(row, alive[s.index], int(s.length * 0.5**step))
+            alive[s.index] = _top(row, alive[s.index], int(sizes[s.index] * 0.5**step))
             assert set(s.groups[f"pdrop@{layer}"].tolist()) == alive[s.index], f"stage {layer}"
             keep |= alive[s.index]
         masks.append((layer, torch.tensor(sorted(keep))))
@@ -102,7 +110,7 @@ def test_pdrop_stages_match_eager_attention_and_the_masked_reference(family):
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
     # every layer's cache holds the tokens kept in the end, plus the generated ones
-    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
+    assert {layer.get_seq_length() for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
 
 
 @pytest.mark.parametrize("name", ["fastv+ivc", "pdrop+ivc"])
@@ -185,7 +193,7 @@ def test_visionzip_matches_clip_attention_and_the_masked_reference():
         h.remove()
     torch.testing.assert_close(logits, ref_logits[rep.kept], atol=ATOL, rtol=1e-4)
     assert torch.equal(out.sequences, ref.sequences)
-    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
+    assert {layer.get_seq_length() for layer in out.past_key_values.layers} == {rep.kept.numel() + 3}
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
@@ -196,7 +204,7 @@ def test_visionzip_refuses_towers_without_a_cls_token(family):
 
 def _span_of(rep):
     s = rep.spans[0]
-    return s, {p for p in rep.kept.tolist() if s.start <= p < s.start + s.length}
+    return s, {p for p in rep.kept.tolist() if p in _content(s)}
 
 
 def _check_masked(model, inputs, method, stages):
@@ -227,13 +235,14 @@ def test_pre_llm_methods_rank_the_llm_input_embeddings(family, name):
     s, kept = _span_of(method.last_report)
     with torch.no_grad():
         emb = model(**inputs, output_hidden_states=True).hidden_states[0][0]
-    k = method.target_count(s.length, method.last_report.config)
-    visual = emb[s.start : s.start + s.length]
+    content = torch.tensor(sorted(_content(s)))
+    k = method.target_count(len(content), method.last_report.config)
+    visual = emb[content]
     if name == "divprune":
         expected = divprune_select(visual, k)
     else:
         expected = cdpruner_select(visual, emb[s.start + s.length + 2 :], k, negate=False)
-    assert kept == set((expected + s.start).tolist())
+    assert kept == set(content[expected].tolist())
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])

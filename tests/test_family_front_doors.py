@@ -15,9 +15,8 @@ from PIL import Image
 from ivcprune.boxes import parse_box
 from ivcprune.cli import main
 from ivcprune.evals.grounding import authors_to_original, grounding_record, to_original
-from ivcprune.evals.grounding_data import GroundingItem, write_grounding_tsv
 from ivcprune.families.internvl import InternVL
-from ivcprune.generation import Request, generate_batch
+from ivcprune.generation import Request
 from ivcprune.inputs import build_inputs, user_message
 from ivcprune.media import ImageView, tower_view
 from ivcprune.methods import make_method
@@ -25,8 +24,8 @@ from ivcprune.models import load_model, save_tiny_checkpoint
 from ivcprune.tiles import TileLayout, match_tiling
 from ivcprune.tiny import TOKEN_IDS, build_internvl_processor, build_llava_processor
 
-from benchfix import mmbench_tsv, mme_tsv
 from conftest import FAMILIES
+from frontdoors import batch_and_alone, eval_datasets, generate_one, lmms_generate, run_eval, smooth_image
 
 NAMES = {family: FAMILIES[family] for family in ("llava", "internvl")}
 # LLaVA-1.5's preset keeps its union rule: the budget given to every family is ignored there, with a warning
@@ -43,13 +42,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoints):
     return {family: load_model(str(path)) for family, path in checkpoints.items()}
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth random content (coarse noise, bilinear): every part of the image looks different."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8))
-    return coarse.resize((width, height), Image.BILINEAR)
 
 
 # -- checkpoints and processors ----------------------------------------------------------------------------
@@ -139,16 +131,9 @@ def test_tile_grid_matched_from_pixels_is_the_processors_choice(max_tiles):
 # -- generate, batches -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", list(NAMES))
 def test_generate_writes_answer_report_and_picture(family, checkpoints, tmp_path, capsys):
-    image = tmp_path / "img.png"
-    smooth_image(300, 200).save(image)
-    out = tmp_path / "out"
-    rc = main(["generate", "--model", str(checkpoints[family]), "--image", str(image), "--prompt", "What is it?",
-               "--method", "ivc", "--layer", "2", "--budget", "0.5", "--max-new-tokens", "4", "--out", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    answer = (out / "answer.txt").read_text()[:-1]
-    assert printed.startswith(answer + "\n\n") and "visual tokens" in printed  # the answer, then the report
-    report = json.loads((out / "report.json").read_text())["ivc"]["report"]
+    report, printed, width = generate_one(checkpoints[family], tmp_path, capsys, "--layer", "2", "--budget", "0.5")
+    answer = (tmp_path / "out" / "answer.txt").read_text()[:-1]
+    assert printed.startswith(answer + "\n\n")  # the answer, then the report
     span = report["spans"][0]
     assert report["pruned"] and report["layer"] == 2 and span["kept"] < span["length"]
     if family == "llava":
@@ -156,25 +141,19 @@ def test_generate_writes_answer_report_and_picture(family, checkpoints, tmp_path
     else:  # a 300x200 image: 3x2 tiles of 4x4 tokens and the thumbnail
         assert span["tiles"] == {"rows": 2, "cols": 3, "side": 4} and span["length"] == 7 * 16
         assert span["kept"] == 56  # the budget holds with the tile scheme
-    with Image.open(out / "kept_tokens_0.png") as pic:
-        assert pic.width > 3 * 200 if family == "internvl" else pic.width > 2 * 200  # image, tiles, thumbnail
+    assert width > 3 * 200 if family == "internvl" else width > 2 * 200  # image, tiles, thumbnail
 
 
 @pytest.mark.parametrize("family", list(NAMES))
 def test_batch_equals_one_by_one(family, loaded):
     model, processor = loaded[family]
-    method = make_method("ivc", layer=2, budget=0.5)
     requests = [Request([smooth_image(300, 200, 1)], "What is it?"),
                 Request([smooth_image(120, 260, 2)], "Where is the red part of the picture?"),
                 Request([], "Say something."),
                 Request([smooth_image(200, 200, 3), smooth_image(400, 120, 4)], "Compare them.")]
-    alone = [generate_batch(model, processor, [r], method, max_new_tokens=6)[0] for r in requests]
-    batch = generate_batch(model, processor, requests, method, max_new_tokens=6)
+    alone, batch = batch_and_alone(model, processor, requests, make_method("ivc", layer=2, budget=0.5), 6)
     for a, b in zip(alone, batch, strict=True):
-        assert b.tokens == a.tokens and torch.equal(b.prompt_ids, a.prompt_ids)
         assert [im.size for im in b.seen] == [im.size for im in a.seen] and b.views == a.views
-        assert torch.equal(b.report.kept, a.report.kept)
-        assert [s.to_dict() for s in b.report.spans] == [s.to_dict() for s in a.report.spans]
     assert batch[0].report.pruned and not batch[2].report.pruned and len(batch[3].report.spans) == 2
     if family == "internvl":  # each image's grid, matched on its pixels, is the processor's
         for row in (batch[0], batch[1], batch[3]):
@@ -205,27 +184,14 @@ def test_image_flags_of_another_family_are_refused_before_loading(checkpoints, t
 # -- eval ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    items = [GroundingItem(id=f"g{i}", image=smooth_image(280, 200, 10 + i), ref=f"the part {i}",
-                           box=(20.0, 30.0, 150.0, 120.0)) for i in range(2)]
-    return [write_grounding_tsv(root / "ground.tsv", items), mmbench_tsv(root), mme_tsv(root)]
+    return eval_datasets(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("family", list(NAMES))
 def test_eval_grounding_mcq_yesno(family, checkpoints, datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["eval", "--model", str(checkpoints[family]), "--data", ",".join(map(str, datasets)), "--method", "ivc",
-               "--layer", "2", "--budget", "0.5", "--limit", "3", "--max-new-tokens", "4", "--pictures", "1",
-               "--out", str(out), "--quiet"])
-    assert rc == 0, capsys.readouterr().err
-    for bench, task in (("ground", "grounding"), ("MMBench_DEV_EN_V11", "mcq"), ("MME", "yesno")):
-        m = json.loads((out / bench / "metrics.json").read_text())
-        assert m["task"] == task and m["score"] is not None and m["n"] + m["n_skipped"] + m["n_failed"] == m["n_rows"]
-        assert m["n_failed"] == 0 and 0 < m["mean_kept_visual_ratio"] < 1
-        info = json.loads((out / bench / "run.json").read_text())
-        assert info["style"] == family and info["max_tiles"] == (6 if family == "internvl" else None)
-        assert info["pixels"] is None  # the processor sizes the images
-        assert len(list((out / bench / "pictures").glob("*.png"))) == 1
+    runs = run_eval(checkpoints[family], datasets, out, capsys, family)
+    assert all(info["max_tiles"] == (6 if family == "internvl" else None) for _, info in runs.values())
     rec = json.loads((out / "ground" / "predictions.jsonl").read_text().splitlines()[0])
     assert rec["task"] == "grounding" and rec["gt"] == [20.0, 30.0, 150.0, 120.0]
     prompt = json.loads((out / "ground" / "run.json").read_text())["prompt"]
@@ -236,24 +202,9 @@ def test_eval_grounding_mcq_yesno(family, checkpoints, datasets, tmp_path, capsy
 @pytest.mark.parametrize("family", list(NAMES))
 def test_lmms_eval_generate_until(family, checkpoints):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
-
-    from ivcprune.integrations.lmms_eval import IVCPruneLMM
-
-    lm = IVCPruneLMM(pretrained=str(checkpoints[family]), method="ivc", layer=2, budget=0.5, batch_size=2)
     docs = [{"image": smooth_image(300, 200, 5), "q": "What is it?"}, {"image": smooth_image(150, 300, 6), "q": "Why?"},
             {"image": None, "q": "Hello."}]
-    lm.task_dict = {"t": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]] if doc["image"] is not None else []
-
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                         arguments=(d["q"], {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "t", "test"))
-                for i, d in enumerate(docs)]
-    answers = lm.generate_until(requests)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    reports = sorted(lm.reports, key=lambda r: r["doc_id"])
+    _, reports = lmms_generate(checkpoints[family], docs)
     assert [r["doc_id"] for r in reports] == [0, 1, 2]
     assert reports[0]["visual_tokens"] > reports[0]["visual_kept"] > 0 and reports[2]["visual_tokens"] == 0
     if family == "internvl":

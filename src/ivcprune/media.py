@@ -6,7 +6,9 @@ Input building is a family decision (:func:`media_for`, keyed by ``config.model_
   message, multiples of 28 pixels) and the processor takes the result as it is;
 - LLaVA-1.5: the images as given; the processor resizes (and pads or centre-crops) them to the tower's size;
 - InternVL: the images as given; the processor cuts them into tiles (at most ``max_tiles``, when given, else
-  the processor's own ``max_patches``) plus a thumbnail.
+  the processor's own ``max_patches``) plus a thumbnail;
+- LLaVA-OneVision: the images as given, one list per row; the processor makes a base view and the tiles of its
+  pinpoint grid (the base view alone for each image of a row with several).
 
 What a picture draws on (``seen``) and where an original image's pixels land on it (:class:`ImageView`):
 Qwen-VL the resized image; LLaVA the image as the tower sees it (padded to a square or centre-cropped, then
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -117,7 +120,8 @@ class Media:
             images += self.images(items, loaded, image_patch_size)
             videos += self.videos(vids, image_patch_size)
             counts.append(len(items))
-        inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True,
+        inputs = processor(text=texts, images=self.batch_images(images, counts) if images else None,
+                           videos=videos or None, padding=True,
                            padding_side=padding_side, return_tensors="pt", **self.processor_kwargs(max_tiles))
         seen = self.seen(processor, originals, images, inputs, max_tiles)
         rows, row_views, first = [], [], 0
@@ -126,6 +130,10 @@ class Media:
             row_views.append([v for _, v in seen[first:first + n]])
             first += n
         return Prepared(inputs, rows, row_views)
+
+    def batch_images(self, images: list[Any], counts: list[int]) -> list[Any]:
+        """The ``images`` argument of the processor for the batch's images (``counts`` per row): one flat list."""
+        return images
 
     def images(self, items: list[dict[str, Any]], loaded: list[Image.Image], patch: int) -> list[Image.Image]:
         """What the processor gets for a conversation's image ``items`` (``loaded``: their original images)."""
@@ -184,6 +192,38 @@ class QwenMedia(Media):
                 for o, im in zip(originals, images)]
 
 
+class Qwen3Media(QwenMedia):
+    """Qwen3-VL: as Qwen-VL (qwen-vl-utils resizing with 16-pixel patches); videos go to the processor with their
+    frame metadata (qwen-vl-utils' sampled frames), from which it writes each frame's timestamp."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def __init__(self):
+        self._local = threading.local()  # the frame metadata of the videos of the batch being prepared
+
+    def prepare(self, processor, conversations, **kwargs) -> Prepared:
+        self._local.metadata = []
+        return super().prepare(processor, conversations, **kwargs)
+
+    def videos(self, items, patch):
+        if not items:
+            return []
+        from qwen_vl_utils import process_vision_info
+
+        _, vids, _ = process_vision_info([{"role": "user", "content": list(items)}], image_patch_size=patch,
+                                         return_video_kwargs=True, return_video_metadata=True)
+        frames, metadata = zip(*vids)
+        self._local.metadata += list(metadata)
+        return list(frames)
+
+    def processor_kwargs(self, max_tiles):
+        kwargs = super().processor_kwargs(max_tiles)
+        metadata = getattr(self._local, "metadata", None)
+        if metadata:  # frames already sampled by qwen-vl-utils; their metadata gives the timestamps
+            kwargs.update(video_metadata=metadata, do_sample_frames=False)
+        return kwargs
+
+
 class LlavaMedia(Media):
     """LLaVA-1.5: the processor sizes the images; seen = the image as the tower sees it."""
 
@@ -209,6 +249,41 @@ class InternVLMedia(Media):
         tile = _size_of(ip.size, "height") or 448
         return [(im, ImageView(im.size, im.size, tiles=InternVL.tiling(im.size, lo, hi, tile_size=tile)))
                 for im in originals]
+
+
+class OnevisionMedia(Media):
+    """LLaVA-OneVision: the processor takes the images as given (base view + tiles); seen = the original, which
+    both views cover whole (see :class:`~ivcprune.tiles.AnyResLayout` in the report's span)."""
+
+    model_types = ("llava_onevision",)
+
+    def batch_images(self, images, counts):
+        """One list per row with images: the processor tiles a row's image only when it is the row's only one (a
+        multi-image prompt gets base views), as LLaVA-OneVision was trained."""
+        rows, first = [], 0
+        for n in counts:
+            if n:
+                rows.append(images[first : first + n])
+            first += n
+        return rows
+
+
+class Gemma3Media(Media):
+    """Gemma 3: the processor resizes images to the tower's square (pan-and-scan crops, when asked for, are
+    extra images of their own); seen = the image as the tower sees it."""
+
+    model_types = ("gemma3",)
+
+    def batch_images(self, images, counts):
+        """One list per conversation (Gemma3Processor matches them to each prompt's images)."""
+        out, first = [], 0
+        for n in counts:
+            out.append(images[first:first + n])
+            first += n
+        return out
+
+    def seen(self, processor, originals, images, inputs, max_tiles=None):
+        return [tower_view(processor.image_processor, im) for im in originals]
 
 
 def _size_of(size, key: str):
@@ -248,9 +323,14 @@ def tower_view(image_processor, image: Image.Image) -> tuple[Image.Image, ImageV
     return img, ImageView((W, H), img.size, (sx, sy), (dx * sx - cx, dy * sy - cy))
 
 
-MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia()) for t in m.model_types}
+MEDIA: dict[str, Media] = {t: m for m in (QwenMedia(), LlavaMedia(), InternVLMedia(), Gemma3Media())
+                           for t in m.model_types}
+MEDIA.update({t: Qwen3Media() for t in Qwen3Media.model_types})
+MEDIA["llava_onevision"] = OnevisionMedia()
 # processors whose family their class tells (callers that pass a processor alone)
-PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl"}
+PROCESSOR_TYPES = {"LlavaProcessor": "llava", "InternVLProcessor": "internvl", "Gemma3Processor": "gemma3"}
+PROCESSOR_TYPES["Qwen3VLProcessor"] = "qwen3_vl"
+PROCESSOR_TYPES["LlavaOnevisionProcessor"] = "llava_onevision"
 
 
 def media_for(model_type: str | None = None, processor=None) -> Media:

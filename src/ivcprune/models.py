@@ -53,6 +53,7 @@ def random_model(
     try:
         with torch.device(device):
             model = model_cls(cfg)
+            family_class(cfg.model_type).init_random_weights(model, cfg.get_text_config().initializer_range)
     finally:
         torch.set_default_dtype(default)
     return model.to(dtype).eval()
@@ -67,7 +68,9 @@ def tiny_model(name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float 
     cfg.initializer_range = text.initializer_range = cfg.vision_config.initializer_range = init_std
     _, model_cls = family_class(cfg.model_type).model_classes()
     torch.manual_seed(seed)
-    return model_cls(cfg).eval()
+    model = model_cls(cfg)
+    family_class(cfg.model_type).init_random_weights(model, init_std)
+    return model.eval()
 
 
 def save_tiny_checkpoint(path: str | Path, name: str = "tiny-qwen2.5-vl", *, seed: int = 0, init_std: float = 0.02,

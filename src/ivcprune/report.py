@@ -12,6 +12,7 @@ from .tiles import TileLayout
 # Kinds of kept tokens, in the order used for colouring (first match wins); ``tile_foreground`` (thumbnail
 # foreground mapped onto the tiles) and ``fill`` (the budget's remainder) come from InternVL's tile scheme.
 GROUPS = ("ivc_cos", "ivc_sin", "seed", "foreground", "tile_foreground", "fill", "random")
+GROUPS += ("structure",)  # structure tokens inside a span (LLaVA-OneVision's newlines), always kept
 
 
 @dataclass
@@ -26,6 +27,7 @@ class SpanReport:
     groups: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> prompt positions
     grid: tuple[int, int, int] | None = None  # (t, h, w) token grid after merging, when known
     tiles: TileLayout | None = None  # a tiled image (InternVL): rows x cols tiles of side x side, then a thumbnail
+    layout: Any = None  # a family's own layout (LLaVA-OneVision: tiles.AnyResLayout)
 
     def positions(self, group: str) -> torch.Tensor:
         return self.groups.get(group, torch.zeros(0, dtype=torch.long))
@@ -77,6 +79,7 @@ class SpanReport:
             "tiles": ({"rows": self.tiles.rows, "cols": self.tiles.cols, "side": self.tiles.side}
                       if self.tiles else None),
             "groups": {k: v.tolist() for k, v in self.groups.items()},
+            **({"layout": self.layout.to_dict()} if hasattr(self.layout, "to_dict") else {}),
         }
 
 

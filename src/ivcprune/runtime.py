@@ -9,7 +9,10 @@ During a prefill that holds visual tokens:
   again), and every later layer receives rotary cos/sin, attention mask and position ids cut the same way
   (kept tokens keep their original rotations, i.e. their original positions);
 * the KV cache of layers 0..K-1, already filled with every token, is cut to the kept tokens, so from then
-  on no layer holds a pruned token.
+  on no layer holds a pruned token;
+* structure tokens a family marks inside a span (``Span.fixed``, e.g. LLaVA-OneVision's row newlines) are
+  always kept and hidden from the method: it sees the span, and its row, without them (so its budget counts
+  the other tokens), and its selection is mapped back to the prompt's positions.
 
 Every row is handled in its own coordinates (the positions of its real, non-padding tokens), so a row's
 selection and report are the ones it gets alone. Decode steps need no cutting: ``generate`` tracks position
@@ -33,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import cut
-from .families import Adapter, Span, get_adapter
+from .families import Adapter, AttentionCut, Span, get_adapter
 from .merging import apply_rotary, last_query_attention
 from .report import PruneReport, SpanReport
 from .tiles import TileLayout
@@ -44,6 +47,13 @@ VALUE_INPUTS = ("normed", "residual")
 
 class UnsupportedCacheError(ValueError):
     """The KV cache type cannot be cut."""
+
+
+def _finish_queued_work(device: torch.device) -> None:
+    """Wait for the kernels queued on an accelerator (a no-op on the CPU). Selection reads results on the host,
+    so it waits anyway; waiting first keeps that wait out of its timing."""
+    if device.type != "cpu" and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        torch.accelerator.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class SpanInput:
     alive: torch.Tensor | None = None  # local indices still in the sequence (multi-stage methods); None = all
     stage: int | None = None  # the layer this selection runs before
     media_index: int = 0  # this span's place among all spans of the batch (rows in order, spans in prompt order)
+    layout: Any = None  # the family's own layout of the span (families.Span.layout)
 
     @property
     def alive_index(self) -> torch.Tensor:
@@ -144,6 +155,8 @@ class _CacheRecord:
     valid: torch.Tensor  # (B, T) validity of the cut cache's slots right after the prefill
     unpruned_len: int  # length of 2-D attention masks over the unpruned prompt (padding included)
     real_len: torch.Tensor  # (B,) real tokens per row in the unpruned prompt
+    origin: torch.Tensor | None = None  # (B, T) each slot's index in the unpruned sequence
+    context: Any = None  # the family's mask context of the prefill
 
 
 @dataclass
@@ -165,6 +178,7 @@ class _Forward:
     dtype: torch.dtype = torch.float32  # of the hidden states (eager masks are in it)
     device: torch.device | None = None
     memo: dict = field(default_factory=dict)
+    context: Any = None  # the family's mask context (Family.mask_context)
 
 
 # the pruner applied to each model (not an attribute of the model: copies of a model must not carry it)
@@ -251,6 +265,10 @@ class Pruner:
         for module, kind, fn in (method.model_hooks(self.adapter, config) if hasattr(method, "model_hooks") else ()):
             register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
             self._handles.append(register(_Hook(fn), with_kwargs=True))
+        # the family's hooks for model code that must follow the cut (e.g. Qwen3-VL's DeepStack additions)
+        for module, kind, fn in a.cut_hooks(self.current_cut):
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            self._handles.append(register(_Hook(fn), with_kwargs=True))
         # captures after the cutting hooks, so that a later stage's capture sees the cut sequence
         if self.needs.attention and self.needs.attention_at not in (-1, 0):
             raise ValueError(f"attention_at must be -1 or 0, got {self.needs.attention_at}")
@@ -279,6 +297,12 @@ class Pruner:
     @_state.setter
     def _state(self, value: _Forward | None) -> None:
         self._local.state = value
+
+    def current_cut(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In the forwarding thread: ``(index, valid)``, the ``(B, M)`` slots of the current sequence over this
+        forward's uncut chunk and their validity; ``None`` while nothing is cut."""
+        st = self._state
+        return None if st is None or st.index is None else (st.index, st.valid)
 
     # -- forward entry / exit --------------------------------------------------------------------
     def _entry_pre(self, module, args, kwargs):
@@ -327,14 +351,14 @@ class Pruner:
             if fresh:
                 self._set_noop([len(r) for r in real], NO_VISUAL)
             return None
-        _check_cache(cache)
+        _check_cache(cache, self.adapter)
         if past and mask2d is not None and mask2d.shape[1] == past + q_len:
             past_valid = mask2d[:, :past].bool().cpu()
         else:  # no mask over the earlier cache: all of it is real
             past_valid = torch.ones(B, past, dtype=torch.bool)
         real_past = past_valid.sum(dim=1).tolist()
         self._state = _Forward(spans=spans, real=real, real_past=real_past, past=past, q_len=q_len,
-                               past_valid=past_valid)
+                               past_valid=past_valid, context=self.adapter.mask_context(kwargs))
         return None
 
     def _entry_post(self, module, args, kwargs, output):
@@ -345,7 +369,8 @@ class Pruner:
         real_len = torch.tensor([p + len(r) for p, r in zip(st.real_past, st.real)])
         with self._lock:
             self._records[st.cache] = _CacheRecord(valid=st.valid_kv, unpruned_len=st.past + st.q_len,
-                                                   real_len=real_len)
+                                                   real_len=real_len, origin=cut.extend_index(st.index, st.past),
+                                                   context=st.context)
         return None
 
     def _decode_kwargs(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
@@ -357,7 +382,7 @@ class Pruner:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             n = mask.shape[-1]
             if n == past + q_len:
-                return kwargs  # already over the cut cache
+                return self._decode_mask(kwargs, record, past, q_len, device)  # already over the cut cache
             extra = n - record.unpruned_len  # generated tokens, this step's included
             if extra < q_len or mask.shape[0] != B:
                 raise ValueError(
@@ -368,6 +393,22 @@ class Pruner:
             kwargs["attention_mask"] = torch.cat([head, mask[:, record.unpruned_len :]], dim=1)
         elif isinstance(mask, torch.Tensor):
             raise ValueError("a pruned cache needs a 2-D attention mask (or none) while decoding")
+        return self._decode_mask(kwargs, record, past, q_len, device)
+
+    def _decode_mask(self, kwargs: dict, record: _CacheRecord, past: int, q_len: int, device) -> dict:
+        """The family's decode mask over the cut cache (by default the 2-D mask as it is)."""
+        mask = kwargs.get("attention_mask")
+        B, T = record.valid.shape
+        later = past + q_len - T  # tokens fed after the prefill, this step's included
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.cat(
+            [record.valid, torch.ones(B, later, dtype=torch.bool)], dim=1)
+        origin = torch.cat([record.origin, record.unpruned_len + torch.arange(later).expand(B, later)], dim=1)
+        hidden = kwargs.get("inputs_embeds")
+        attn = AttentionCut(valid_kv=valid.to(device), origin_kv=origin.to(device), q_len=q_len,
+                            attn_implementation=self.adapter.attn_implementation,
+                            dtype=hidden.dtype if hidden is not None else self.model.dtype, device=device,
+                            context=record.context)
+        kwargs["attention_mask"] = self.adapter.decode_attention_mask(mask, attn)
         return kwargs
 
     def _set_noop(self, lengths: list[int], reason: str) -> None:
@@ -448,7 +489,7 @@ class Pruner:
             if st.index is None:
                 return None
             # rows keep different counts: the cut batch needs a padding mask even where the model passed none
-            kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"))
+            kwargs["attention_mask"] = self._cut(st, "attention_mask", kwargs.get("attention_mask"), idx)
             for name in ("position_embeddings", "position_ids"):
                 if kwargs.get(name) is not None:
                     kwargs[name] = self._cut(st, name, kwargs[name])
@@ -456,8 +497,10 @@ class Pruner:
 
         return hook
 
-    def _cut(self, st: _Forward, name: str, value):
+    def _cut(self, st: _Forward, name: str, value, layer_idx: int | None = None):
         key = (name, id(value[0]) if isinstance(value, tuple) else id(value))
+        if name == "attention_mask":
+            key = (*key, self.adapter.mask_kind(layer_idx))
         hit = st.memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
@@ -468,19 +511,20 @@ class Pruner:
             # per row (the rotary cos/sin above carry the real, original positions).
             out = cut.contiguous_positions(st.valid.to(value.device), value[..., 0])
         else:
-            out = self._cut_mask(st, value)
+            out = self._cut_mask(st, value, layer_idx)
         st.memo[key] = (value, out)
         return out
 
-    def _cut_mask(self, st: _Forward, mask):
+    def _cut_mask(self, st: _Forward, mask, layer_idx: int):
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise NotImplementedError(
                 f"attention masks of type {type(mask).__name__} (e.g. flex attention) are not supported; use "
                 "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
             )
-        return cut.attention_mask(st.valid_kv, st.valid.shape[1],
-                                  attn_implementation=self.adapter.attn_implementation, dtype=st.dtype,
-                                  device=mask.device if mask is not None else st.device)
+        attn = AttentionCut(valid_kv=st.valid_kv, origin_kv=cut.extend_index(st.index, st.past),
+                            q_len=st.valid.shape[1], attn_implementation=self.adapter.attn_implementation,
+                            dtype=st.dtype, device=mask.device if mask is not None else st.device, context=st.context)
+        return self.adapter.layer_attention_mask(layer_idx, mask, attn)
 
     def _current(self, st: _Forward, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``b``'s tokens in the current (possibly already cut) sequence: ``(slots, local)``, the slots
@@ -520,7 +564,7 @@ class Pruner:
         if (self.needs.attention or self.needs.keys) and st.attention is None:
             raise RuntimeError("attention inputs of the layer before the stage were not captured")
         if self.needs.attention:
-            row = self._last_token_attention(st, b, slots)
+            row = self._last_token_attention(st, b, slots, local)
             attn = row.new_zeros(n)
             attn[local] = row
         if self.needs.keys:
@@ -544,13 +588,23 @@ class Pruner:
             _, k, cos, sin = self._row_query_key(st, b, slots)
             return apply_rotary(k, cos, sin)
 
-    def _last_token_attention(self, st: _Forward, b: int, slots: torch.Tensor) -> torch.Tensor:
+    def _last_token_attention(self, st: _Forward, b: int, slots: torch.Tensor,
+                              local: torch.Tensor | None = None) -> torch.Tensor:
         """Row ``b``'s last token's attention over its current ``slots`` at the captured layer, heads averaged,
-        computed from its queries / keys (whatever attention implementation the model runs); float32, CPU."""
-        scaling = st.attention[0].self_attn.scaling
+        computed from its queries / keys (whatever attention implementation the model runs); float32, CPU.
+        In a sliding-window layer (:meth:`Family.attention_window`), keys out of the window (original
+        positions; ``local``: the slots' row-local indices) get none."""
+        layer = st.attention[0]
+        scaling = layer.self_attn.scaling
+        window = self.adapter.attention_window(layer)
         with torch.no_grad():
             q, k, cos, sin = self._row_query_key(st, b, slots)
-            return last_query_attention(q[:, -1], k, cos, sin, scaling, q.shape[0] // k.shape[0]).float().cpu()
+            key_mask = None
+            if window is not None:
+                origin = st.real[b][local if local is not None else torch.arange(len(slots))]
+                key_mask = (origin[-1] - origin < window).to(k.device)
+            return last_query_attention(q[:, -1], k, cos, sin, scaling, q.shape[0] // k.shape[0],
+                                        key_mask=key_mask).float().cpu()
 
     def _stage(self, st: _Forward, idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Select before layer ``idx``; returns the gather index over the current sequence (None: nothing
@@ -563,6 +617,7 @@ class Pruner:
             st.spans = self.adapter.layout_spans(st.spans, getattr(self._local, "media", None) or [])
             st.reports = []
         keeps, changed, media = [], False, 0
+        _finish_queued_work(hidden.device)  # so that selection_ms counts the selection, not layers 0..idx-1
         for b, spans in enumerate(st.spans):
             t0 = time.perf_counter()
             real = st.real[b]
@@ -577,15 +632,24 @@ class Pruner:
                            attention=attn, keys=keys)
             positions = st.positions[:, b, real]
             keep_mask = alive & ~visual
+            fixed = torch.zeros(len(real), dtype=torch.bool)
+            for s in spans:
+                if s.fixed:
+                    fixed[s.start + torch.tensor(s.fixed, dtype=torch.long)] = True
+            keep_mask |= fixed
+            shown = _without(row, ~fixed) if bool(fixed.any()) else row  # what methods see: no structure tokens
+            before = torch.cumsum((~fixed).long(), 0) - (~fixed).long()  # shown tokens before each token
             span_reports = [] if first else st.reports[b].spans
             notes = []
             for i, s in enumerate(spans):
-                span_alive = alive[s.start : s.start + s.length].nonzero().squeeze(1)
-                span_pos = positions[:, s.start : s.start + s.length]
-                inp = SpanInput(index=i, kind=s.kind, start=row.past + s.start, length=s.length,
+                part = slice(s.start, s.start + s.length)
+                shown_idx = (~fixed[part]).nonzero().squeeze(1)  # span-local index of each token the method sees
+                span_alive = alive[part][shown_idx].nonzero().squeeze(1)
+                span_pos = positions[:, part][:, shown_idx]
+                inp = SpanInput(index=i, kind=s.kind, start=row.past + int(before[s.start]), length=len(shown_idx),
                                 grid=s.grid or self.adapter.span_grid(span_pos), positions=span_pos, rope=rope,
-                                row=row, tiles=s.tiles, alive=None if first else span_alive, stage=idx,
-                                media_index=media)
+                                row=shown, tiles=s.tiles, alive=None if first else span_alive, stage=idx,
+                                media_index=media, layout=s.layout)
                 media += 1
                 sel = self.method.select(inp, self.config) if span_alive.numel() else SpanSelection(span_alive)
                 if sel.note:
@@ -593,12 +657,16 @@ class Pruner:
                 kept = sel.kept.cpu()
                 if not first and not bool(torch.isin(kept, span_alive).all()):
                     raise RuntimeError(f"{self.method.name} kept tokens an earlier stage had pruned")
-                keep_mask[s.start + kept] = True
-                groups = {k: (v.cpu() + inp.start) for k, v in sel.groups.items()}
+                keep_mask[s.start + shown_idx[kept]] = True
+                start = row.past + s.start
+                groups = {k: (shown_idx[v.cpu()] + start) for k, v in sel.groups.items()}
+                if s.fixed:
+                    groups["structure"] = torch.tensor(s.fixed, dtype=torch.long) + start
+                kept = keep_mask[part].nonzero().squeeze(1)
                 if first:
-                    span_reports.append(SpanReport(index=i, kind=s.kind, start=inp.start, length=s.length,
+                    span_reports.append(SpanReport(index=i, kind=s.kind, start=start, length=s.length,
                                                    kept=int(kept.numel()), groups=groups, grid=inp.grid,
-                                                   tiles=inp.tiles))
+                                                   tiles=inp.tiles, layout=s.layout))
                 else:
                     span_reports[i].kept = int(kept.numel())
                     span_reports[i].groups.update(groups)
@@ -638,18 +706,30 @@ class Pruner:
         cache = st.cache
         if cache is None:
             return
-        _check_cache(cache)
+        _check_cache(cache, self.adapter)
         index = cut.extend_index(rel, st.past)
         for i in range(idx):
-            layer = cache.layers[i]
-            layer.keys, layer.values = cut.cut_cache(layer.keys, layer.values, index)
+            self.adapter.cut_cache_layer(cache.layers[i], index)
 
 
-def _check_cache(cache) -> None:
+def _without(row: RowInput, shown: torch.Tensor) -> RowInput:
+    """``row`` with only its ``shown`` tokens (a bool mask over its tokens): what a method sees of a row whose
+    spans hold structure tokens (:attr:`ivcprune.families.Span.fixed`)."""
+    idx = shown.nonzero().squeeze(1)
+
+    def pick(x, dim):
+        return None if x is None else x.index_select(dim, idx.to(x.device))
+
+    return RowInput(row=row.row, length=len(idx), past=row.past, visual=row.visual[idx], values=pick(row.values, 1),
+                    hidden=pick(row.hidden, 0), attention=pick(row.attention, 0), keys=pick(row.keys, 1))
+
+
+def _check_cache(cache, adapter: Adapter | None = None) -> None:
     if cache is None:
         return
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+    supported = adapter.cache_layer_supported if adapter is not None else (lambda layer: type(layer) is DynamicLayer)
+    if layers is None or any(not supported(layer) for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in (layers or [])})
         raise UnsupportedCacheError(
             f"ivcprune cuts DynamicCache (the default of generate); got {type(cache).__name__} with layers "

@@ -85,6 +85,24 @@ def _release_ivc(
     return _release_mean(cos, (0, 2), dtype), _release_mean(sin, (0, 2), dtype)
 
 
+def _frequency_axes(n_axes: int, n_freq: int, mrope_section: Sequence[int] | None,
+                    axis_of_freq: Sequence[int] | None, device) -> torch.Tensor:
+    """``(F,)`` the axis rotating each frequency: ``axis_of_freq`` when given, else contiguous sections."""
+    if axis_of_freq is not None:
+        axes = torch.as_tensor(list(axis_of_freq), dtype=torch.long, device=device)
+        if axes.numel() != n_freq or int(axes.min()) < 0 or int(axes.max()) >= n_axes:
+            raise ValueError(f"axis_of_freq must give one of {n_axes} axes to each of {n_freq} frequencies, "
+                             f"got {axes.tolist()}")
+        return axes
+    if mrope_section is None or sum(mrope_section) != n_freq or len(mrope_section) != n_axes:
+        raise ValueError(
+            f"statistic='applied' needs an mrope_section over {n_axes} axes summing to "
+            f"{n_freq} frequencies, got {mrope_section}"
+        )
+    sizes = torch.tensor(list(mrope_section), device=device)
+    return torch.repeat_interleave(torch.arange(n_axes, device=device), sizes)
+
+
 def ivc_scores(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
@@ -94,6 +112,7 @@ def ivc_scores(
     mrope_section: Sequence[int] | None = None,
     numerics: str = "ours",
     model_dtype: torch.dtype = torch.bfloat16,
+    axis_of_freq: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit-visual-coordinate scores of visual tokens, from their rotary positions alone.
 
@@ -114,6 +133,9 @@ def ivc_scores(
             mean over axes and head dimensions accumulated in float32 and rounded to ``model_dtype``.
             The scores then take a few dozen distinct values, and ties are common.
         model_dtype: the model's dtype, used by ``numerics="authors"`` only (bf16 for Qwen-VL).
+        axis_of_freq: ``(F,)`` the axis (``0 .. A-1``) rotating each frequency, for ``statistic="applied"``
+            with M-RoPE layouts other than contiguous sections (Qwen3-VL's interleaved one); ``None``: the
+            contiguous sections of ``mrope_section``.
 
     Returns:
         ``(cos_score, sin_score)``, each ``(L,)`` float64: how close each token's rotation is to the
@@ -123,26 +145,18 @@ def ivc_scores(
     _check_choice("ivc statistic", statistic, IVC_STATISTICS)
     _check_choice("numerics", numerics, NUMERICS)
     pos = positions.reshape(1, -1) if positions.dim() == 1 else positions
-    axis_of_freq = None
+    freq_axes = None
     if statistic == "applied" and pos.shape[0] > 1:
-        n_freq = inv_freq.numel()
-        if mrope_section is None or sum(mrope_section) != n_freq or len(mrope_section) != pos.shape[0]:
-            raise ValueError(
-                f"statistic='applied' needs an mrope_section over {pos.shape[0]} axes summing to "
-                f"{n_freq} frequencies, got {mrope_section}"
-            )
-        axis_of_freq = torch.repeat_interleave(
-            torch.arange(len(mrope_section), device=pos.device), torch.tensor(list(mrope_section), device=pos.device)
-        )
+        freq_axes = _frequency_axes(pos.shape[0], inv_freq.numel(), mrope_section, axis_of_freq, pos.device)
     if numerics == "authors":
         if not model_dtype.is_floating_point:
             raise ValueError(f"model_dtype must be a floating dtype, got {model_dtype}")
-        cos_a, sin_a = _release_ivc(pos, inv_freq, attention_scaling, axis_of_freq, model_dtype)
+        cos_a, sin_a = _release_ivc(pos, inv_freq, attention_scaling, freq_axes, model_dtype)
         return cos_a.to(torch.float64), sin_a.to(torch.float64)
     pos = pos.to(torch.float64)
     theta = inv_freq.detach().to(device=pos.device, dtype=torch.float64).reshape(-1)
-    if axis_of_freq is not None:
-        angles = pos[axis_of_freq].T * theta  # (L, F): frequency j rotated by its own axis
+    if freq_axes is not None:
+        angles = pos[freq_axes].T * theta  # (L, F): frequency j rotated by its own axis
         cos_s, sin_s = angles.cos().mean(dim=1), angles.sin().mean(dim=1)
     else:
         angles = pos[:, :, None] * theta  # (A, L, F)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from PIL import Image, ImageDraw
 
 from .report import SpanReport
+from .tiles import AnyResLayout
 
 KIND_COLORS = {
     "ivc_cos": (30, 110, 255),  # blue: IVC tokens near the identity rotation
@@ -19,9 +20,11 @@ KIND_COLORS = {
     "tile_foreground": (170, 230, 60),  # yellow-green: thumbnail foreground mapped onto the tiles
     "fill": (0, 130, 60),  # dark green: the budget's remainder (tile scheme)
     "random": (200, 120, 255),
+    "structure": (255, 255, 255),  # white: structure tokens (newlines), always kept
 }
 KIND_NAMES = {"ivc_cos": "IVC cos", "ivc_sin": "IVC sin", "seed": "seed", "foreground": "foreground",
               "tile_foreground": "tile foreground", "fill": "fill", "random": "random"}
+KIND_NAMES["structure"] = "newline"
 PRUNED_SHADE = (20, 20, 20)
 TILE_BORDER = (255, 255, 255)
 DISPLAY_SIDE = 768  # tiled images (originals, any size) are drawn with this longest side at most
@@ -94,6 +97,19 @@ def tile_overlays(image: Image.Image, span: SpanReport, grid: tuple[int, int] | 
     return _composite(image, tiles), thumb
 
 
+def anyres_overlays(image: Image.Image, span: SpanReport, alpha: float = 0.45) -> tuple[Image.Image, Image.Image]:
+    """An AnyRes span (``span.layout``, LLaVA-OneVision) over the original ``image``: ``(base view, mosaic)``,
+    each view's token grid covering the whole image (the newlines, always kept, are not drawn)."""
+    layout = span.layout
+    labels = span.labels()
+    s = layout.side
+    region = (0, 0, image.width, image.height)
+    base = _composite(image, lambda d: _paint(d, labels[: s * s], s, s, region, alpha))
+    content = layout.content_index().tolist()
+    mosaic = [labels[i] for i in content[s * s :]]
+    return base, _composite(image, lambda d: _paint(d, mosaic, layout.rows, layout.cols, region, alpha))
+
+
 def fit(image: Image.Image, longest: int = DISPLAY_SIDE) -> tuple[Image.Image, float]:
     """``image`` scaled down so that its longest side is at most ``longest``, and the scale."""
     scale = min(1.0, longest / max(image.size))
@@ -106,6 +122,10 @@ def span_panels(image: Image.Image, span: SpanReport, cell: float | None = None,
                 tiles: tuple[int, int] | None = None) -> list[tuple[Image.Image, str]]:
     """``(picture, title)`` panels of one span over ``image``: the token grid, or a tiled image's tiles and
     thumbnail (``tiles``: the processor's ``(rows, cols)``, when known)."""
+    if isinstance(span.layout, AnyResLayout) and span.layout.mosaic:
+        base, mosaic = anyres_overlays(image, span)
+        return [(base, f"base view {span.layout.side}x{span.layout.side}"),
+                (mosaic, f"mosaic {span.layout.rows}x{span.layout.cols}")]
     if span.tiles is not None and (span.grid is None or span.tiles.thumbnail):
         tiled, thumb = tile_overlays(image, span, tiles)
         rows, cols = tiles if tiles and tiles[0] * tiles[1] == span.tiles.tiles else (span.tiles.rows, span.tiles.cols)
@@ -178,7 +198,7 @@ def prediction_picture(seen: Image.Image, span: SpanReport, cell: float | None, 
     a legend below; ``captions`` title the first two. Tiled images (originals) are drawn at most
     :data:`DISPLAY_SIDE` pixels wide or high."""
     scale = 1.0
-    if span.tiles is not None and span.grid is None:
+    if (span.tiles is not None or span.layout is not None) and span.grid is None:
         seen, scale = fit(seen)
     elif max(seen.size) < MIN_DISPLAY_SIDE:  # small towers (tiny test models): big enough to read
         scale = MIN_DISPLAY_SIDE / max(seen.size)
@@ -201,7 +221,7 @@ def report_pictures(report, seen: list[Image.Image], views: list | None = None, 
     pictures = []
     spans = [s for s in report.spans if s.kind == "image"]
     for i, (span, image) in enumerate(zip(spans, seen)):
-        if span.grid is None and span.tiles is None:
+        if span.grid is None and span.tiles is None and span.layout is None:
             continue
         view = views[i] if views and i < len(views) else None
         width = max(20, min(image.width, DISPLAY_SIDE) // 6 - 4)  # the default font is about 6 px a character

@@ -101,7 +101,8 @@ def save_picture(path, model, sample: Sample, gen: Generated, rec: dict[str, Any
     from ..viz import DISPLAY_SIDE, prediction_picture
 
     rep = gen.report
-    if rep is None or not rep.spans or (rep.spans[0].grid is None and rep.spans[0].tiles is None) or not gen.seen:
+    if rep is None or not rep.spans or not gen.seen or \
+            (rep.spans[0].grid is None and rep.spans[0].tiles is None and rep.spans[0].layout is None):
         return False
     span, seen = rep.spans[0], gen.seen[0]
     view = gen.views[0] if gen.views else None

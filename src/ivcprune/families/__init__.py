@@ -9,12 +9,17 @@ from typing import Any
 
 from torch import nn
 
-from .base import Adapter, Family, RopeInfo, Span, UnsupportedModelError
+from .base import Adapter, AttentionCut, Family, RopeInfo, Span, UnsupportedModelError
+from .gemma3 import Gemma3
 from .internvl import InternVL
 from .llava import Llava
+from .llava_onevision import LlavaOnevision
+from .qwen3_vl import Qwen3VL, Qwen3VLMoe
 from .qwen_vl import Qwen2VL, Qwen25VL
 
-FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL, Llava, InternVL)}
+FAMILIES: dict[str, type[Family]] = {cls.model_type: cls for cls in (Qwen25VL, Qwen2VL, Llava, InternVL, Gemma3)}
+FAMILIES.update({cls.model_type: cls for cls in (Qwen3VL, Qwen3VLMoe)})
+FAMILIES[LlavaOnevision.model_type] = LlavaOnevision
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -50,5 +55,5 @@ def random_spec(name: str) -> tuple[type[Family], dict[str, Any]]:
     raise ValueError(f"unknown random config {name!r}; choose from {', '.join(names)}")
 
 
-__all__ = ["Adapter", "Family", "FAMILIES", "RopeInfo", "Span", "UnsupportedModelError", "family_class",
+__all__ = ["Adapter", "AttentionCut", "Family", "FAMILIES", "RopeInfo", "Span", "UnsupportedModelError", "family_class",
            "get_adapter", "random_spec", "SUPPORTED_MODEL_TYPES"]

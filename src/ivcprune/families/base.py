@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import cut as _cut
 from ..tiles import TileLayout
 
 
@@ -35,6 +36,10 @@ class Span:
     kind: str  # "image" or "video"
     grid: tuple[int, int, int] | None = None  # (t, h, w) tokens after merging
     tiles: TileLayout | None = None  # high-resolution tiles (+ thumbnail) of a tiled image
+    # structure tokens inside the span (span-local indices, e.g. LLaVA-OneVision's row newlines): the runtime
+    # always keeps them and hides them from the method, which sees the span without them
+    fixed: tuple[int, ...] = ()
+    layout: Any = None  # a family's own layout of the span (in the method's coordinates, ``fixed`` left out)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,29 @@ class RopeInfo:
     attention_scaling: float
     mrope_section: tuple[int, ...] | None  # frequencies per axis for M-RoPE, None for 1-D RoPE
     dtype: torch.dtype = torch.float32  # the model's: rotary cos/sin are cast to it (authors' numerics)
+    # the axis of each frequency where M-RoPE does not give them in contiguous sections (Qwen3-VL's interleaved
+    # layout); None: contiguous sections of ``mrope_section``
+    axis_of_freq: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AttentionCut:
+    """What the attention mask of a cut forward depends on (the runtime hands it to the family's mask hooks).
+
+    Slots are the cut cache's, this forward's ``q_len`` tokens last; rows are re-left-padded."""
+
+    valid_kv: torch.Tensor  # (B, T) bool: real slots
+    origin_kv: torch.Tensor  # (B, T) long: each slot's index in the unpruned sequence (padding included)
+    q_len: int
+    attn_implementation: str | None
+    dtype: torch.dtype
+    device: torch.device | str
+    context: Any = None  # what :meth:`Family.mask_context` returned at the prefill
+
+    def default(self) -> torch.Tensor | None:
+        """One causal padding mask for every layer (:func:`ivcprune.cut.attention_mask`)."""
+        return _cut.attention_mask(self.valid_kv, self.q_len, attn_implementation=self.attn_implementation,
+                                   dtype=self.dtype, device=self.device)
 
 
 MCQ_INSTRUCTION = {"en": "Please select the correct answer from the options above.", "zh": "请直接回答选项字母。"}
@@ -161,6 +189,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def init_random_weights(cls, model: nn.Module, std: float) -> None:
+        """Give a freshly built random-weight model (``random:NAME``, tiny test models) weights its own
+        initialisation leaves degenerate (e.g. zeros that would make every image token the same); none here."""
+
+    @classmethod
     def synthetic_inputs(cls, config, image_tokens: int, text_tokens: int, seed: int = 0):
         """``(inputs, (h, w))``: a batch-of-one prompt with one image of about ``image_tokens`` visual tokens
         in the family's token layout, noise pixels (benchmarks of models without a processor)."""
@@ -231,6 +264,42 @@ class Family:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2)
 
+    # -- attention masks and caches of a cut forward -------------------------------------------
+    def mask_context(self, entry_kwargs: dict) -> Any:
+        """What this family's cut masks need from a pruned prefill's inputs (kept with the cache for its decode
+        steps); ``None`` by default."""
+        return None
+
+    def mask_kind(self, layer_idx: int) -> Any:
+        """Layers of the same kind get the same cut mask (the runtime builds it once per kind and forward)."""
+        return None
+
+    def layer_attention_mask(self, layer_idx: int, mask: Any, cut: AttentionCut) -> Any:
+        """The mask decoder layer ``layer_idx`` gets in a cut prefill (``mask``: what the model passed it);
+        by default one causal padding mask for every layer."""
+        return cut.default()
+
+    def decode_attention_mask(self, mask: torch.Tensor | None, cut: AttentionCut) -> Any:
+        """The ``attention_mask`` the decoder's entry gets for a decode step over a pruned cache: ``mask`` is
+        the 2-D mask over the cut cache the runtime made of the caller's (``None`` when the caller passed none);
+        returned as it is by default (the model builds its masks from it)."""
+        return mask
+
+    def attention_window(self, layer: nn.Module) -> int | None:
+        """Keys further than this many positions (original positions) before a query are out of its sight in
+        decoder layer ``layer`` (a sliding-window layer); ``None``: none."""
+        return None
+
+    def cache_layer_supported(self, layer: Any) -> bool:
+        """Whether the runtime can cut this KV-cache layer (:meth:`cut_cache_layer`)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return type(layer) is DynamicLayer
+
+    def cut_cache_layer(self, layer: Any, index: torch.Tensor) -> None:
+        """Cut one cache layer, filled with every token, to the ``(B, M)`` gather index over its slots."""
+        layer.keys, layer.values = _cut.cut_cache(layer.keys, layer.values, index)
+
     def final_norm(self) -> nn.Module:
         """The decoder's norm after its last layer."""
         return self.language_model.norm
@@ -243,10 +312,37 @@ class Family:
             f"{self.display_name}'s vision tower has no CLS token whose attention could rank its visual tokens"
         )
 
+    @property
+    def feature_layers(self) -> int:
+        """Leading decoder layers after which the model still adds visual features to the hidden states
+        (Qwen3-VL's DeepStack); presets prune after them. 0 for most families."""
+        return 0
+
+    def cut_hooks(self, current_cut) -> list[tuple[nn.Module, str, Any]]:
+        """``(module, "pre" | "post", fn)`` hooks (with kwargs) the family needs while a pruner is applied, for
+        model code that must follow the cut sequence (e.g. features added at visual positions inside the
+        decoder). ``current_cut()``, called in the forwarding thread, returns ``(index, valid)``: the ``(B, M)``
+        slots of the current sequence over this forward's uncut one, or ``None`` while nothing is cut. None
+        by default."""
+        return []
+
     def split_heads(self, value_out: torch.Tensor) -> torch.Tensor:
         """``(B, S, H*d)`` value projection output -> ``(B, H, S, d)``."""
         B, S = value_out.shape[:2]
         return value_out.reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+
+class LlavaPrompts:
+    """VLMEvalKit's LLaVA-style prompts (mixed into LLaVA families): the letter multiple-choice prompt, and yes/no
+    questions as written."""
+
+    @classmethod
+    def mcq_prompt(cls, question: str, options: dict[str, str], hint: str | None = None) -> str:
+        return letter_mcq_prompt(question, options, hint)
+
+    @classmethod
+    def yesno_prompt(cls, question: str) -> str:
+        return question.rstrip()
 
 
 class Rope1DFamily(Family):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..tiny import TOKEN_IDS as TINY_TOKEN_IDS
-from .base import Rope1DFamily, Span, UnsupportedModelError, letter_mcq_prompt, override_spec, token_runs
+from .base import LlavaPrompts, Rope1DFamily, Span, UnsupportedModelError, override_spec, token_runs
 
 # CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower; features of its second-to-last layer, CLS dropped: 576 tokens)
 _CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -27,7 +27,7 @@ _TINY_TEXT = dict(_LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=
 _LLAVA_GROUNDING = "Please provide the bounding box coordinate of the region this sentence describes: {ref}"
 
 
-class Llava(Rope1DFamily):
+class Llava(LlavaPrompts, Rope1DFamily):
     """LLaVA-1.5: one run of ``image_token_id`` per image ((image_size / patch)² tokens, a square grid),
     a Llama decoder with 1-D RoPE."""
 
@@ -78,16 +78,6 @@ class Llava(Rope1DFamily):
     def grid_side(cls, config) -> int:
         vc = config.vision_config
         return vc.image_size // vc.patch_size
-
-    @classmethod
-    def mcq_prompt(cls, question: str, options: dict[str, str], hint: str | None = None) -> str:
-        """VLMEvalKit's LLaVA multiple-choice prompt (the authors' evaluation)."""
-        return letter_mcq_prompt(question, options, hint)
-
-    @classmethod
-    def yesno_prompt(cls, question: str) -> str:
-        """VLMEvalKit's default for LLaVA: the question as written."""
-        return question.rstrip()
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

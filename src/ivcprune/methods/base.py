@@ -33,12 +33,14 @@ from ..runtime import Needs, Pruner, SpanInput, SpanSelection
 PAPER_LAYERS = {"qwen2_5_vl": {28: 16, 36: 22}, "qwen2_vl": {28: 16}, "llava": {32: 16}, "internvl": {32: 16}}
 # relative depth of K at other depths: the paper's families at their own (16 of 32), the rest at Qwen2.5-VL's
 RELATIVE_DEPTH = {"llava": 16 / 32, "internvl": 16 / 32}
+# families the authors did not release, whose K follows a released family's table (by analogy, not validated)
+LAYERS_BY_ANALOGY = {"qwen3_vl": "qwen2_5_vl", "qwen3_vl_moe": "qwen2_5_vl"}
 
 
 def paper_layer(model_type: str, depth: int) -> int:
     """K of the paper's setting for this family and depth (the family's relative depth elsewhere, 16/28 by
     default, in [1, depth-1])."""
-    table = PAPER_LAYERS.get(model_type, {})
+    table = PAPER_LAYERS.get(model_type) or PAPER_LAYERS.get(LAYERS_BY_ANALOGY.get(model_type, ""), {})
     if depth in table:
         return table[depth]
     return max(1, min(depth - 1, round(depth * RELATIVE_DEPTH.get(model_type, 16 / 28))))

@@ -64,6 +64,22 @@ _PRESETS = {
              "onto the matching high-resolution blocks; filled from the thumbnail to 50% of the image; values of "
              "the un-normalised residual stream; similarity softmax over the whole sequence",
     ),
+    "llava_onevision": dict(
+        family="LLaVA-OneVision", rule="fill", softmax_domain="span", min_one_seed=True, tile_scheme="thumbnail",
+        note="by analogy, not validated on real checkpoints: K at the relative depth 16/28 (16 of the 7B's 28 "
+             "Qwen2 layers); IVC 10% cos + 10% sin per view (base view and high-resolution mosaic, each ranked on "
+             "its own); seeds (1% of the base view) and foreground ranked on the base view and mapped onto the "
+             "mosaic tokens it covers; filled to 50% of the image's content tokens by foreground; the row "
+             "newlines always kept, outside the budget; similarity softmax over the scored view",
+    ),
+    "gemma3": dict(
+        family="Gemma 3", rule="fill", softmax_domain="span", min_one_seed=True,
+        note="by analogy, not validated on real checkpoints: K at the relative depth 16/28 (27 of 48 for 12B, a "
+             "sliding-window layer; nothing adds visual features inside the decoder); IVC 10% cos + 10% sin per "
+             "256-token image (each pan-and-scan crop its own) from the global layers' rotary (base 1e6, linear "
+             "factor 8: Gemma3.ivc_rotary), seeds 1% (at least 1), fill to 50% by foreground; similarity softmax "
+             "over the span",
+    ),
 }
 
 
@@ -73,6 +89,17 @@ _BY_ANALOGY = dict(rule="fill", softmax_domain="span", min_one_seed=True,
                         "to 50% by foreground, similarity softmax over the span")
 
 
+# By-analogy presets with family-specific notes (still the _BY_ANALOGY rule and knobs).
+_ANALOGY_NOTES = {
+    model_type: f"by analogy, not validated: {name}: K at Qwen2.5-VL's depth (16 of 28, 22 of 36; 16/28 elsewhere, "
+                "27 of 48 for the 30B-A3B) and never before the DeepStack additions end (K >= 3 on the released "
+                "checkpoints, which add after layers 0-2); IVC 10% + 10% with the interleaved M-RoPE layout, seeds 1% "
+                "(at least 1), fill to 50% by foreground from the attention block's value vectors, similarity "
+                "softmax over the span"
+    for model_type, name in (("qwen3_vl", "Qwen3-VL"), ("qwen3_vl_moe", "Qwen3-VL-MoE"))
+}
+
+
 def preset_for(model_type: str, num_layers: int) -> Preset:
     """The paper preset for a model family (``config.model_type``) with ``num_layers`` decoder layers; a
     preset by analogy for supported families the paper did not cover."""
@@ -80,6 +107,8 @@ def preset_for(model_type: str, num_layers: int) -> Preset:
         fields = _PRESETS[model_type]
     elif model_type in FAMILIES:
         fields = dict(_BY_ANALOGY, family=FAMILIES[model_type].display_name)
+        if model_type in _ANALOGY_NOTES:
+            fields["note"] = _ANALOGY_NOTES[model_type]
     else:
         raise ValueError(f"IVC-Prune has no preset for model type {model_type!r}; known: {', '.join(FAMILIES)}")
     fields = dict(dict(ivc_ratio=0.10, foreground_ratio=0.40), **fields)
@@ -91,7 +120,7 @@ def span_ivc_scores(span: SpanInput, statistic: str = "authors", numerics: str =
     rope = span.rope
     return sel.ivc_scores(span.positions, rope.inv_freq, attention_scaling=rope.attention_scaling,
                           statistic=statistic, mrope_section=rope.mrope_section, numerics=numerics,
-                          model_dtype=rope.dtype)
+                          model_dtype=rope.dtype, axis_of_freq=rope.axis_of_freq)
 
 
 def ivc_tokens(span: SpanInput, ratio: float, statistic: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +178,8 @@ class IVCPrune(PruningMethod):
     value_input: str | None = field(default=None, metadata={
         "choices": VALUE_INPUTS, "help": "value vectors of layer K-1's normed input or of the raw residual stream"})
     tile_scheme: str | None = field(default=None, metadata={
-        "choices": TILE_SCHEMES, "help": "tiled images: thumbnail-guided (InternVL's release) or one plain span"})
+        "choices": TILE_SCHEMES, "help": "tiled images: thumbnail-guided (InternVL's release; LLaVA-OneVision: its "
+                                         "base view) or one plain span"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -175,7 +205,9 @@ class IVCPrune(PruningMethod):
         return Needs(values=config["ablation"] not in ("no_foreground", "ivc_only"), value_input=config["value_input"])
 
     def default_layer(self, adapter: Adapter) -> int:
-        return preset_for(adapter.model_type, adapter.num_layers).layer
+        # never before a layer that still adds visual features (Qwen3-VL's DeepStack), within the model
+        layer = preset_for(adapter.model_type, adapter.num_layers).layer
+        return min(max(layer, adapter.feature_layers), adapter.num_layers - 1)
 
     def resolve(self, adapter: Adapter) -> dict[str, Any]:
         cfg = super().resolve(adapter)
@@ -191,7 +223,9 @@ class IVCPrune(PruningMethod):
                      "tile_scheme"):
             if cfg[knob] is None:
                 cfg[knob] = getattr(preset, knob)
-        cfg.update(rule=rule, preset=preset.family, authors_mean=preset.authors_mean)
+        by_analogy = preset.note.startswith("by analogy")  # reports say which presets are not the authors'
+        cfg.update(rule=rule, preset=preset.family + (" (by analogy, not validated)" if by_analogy else ""),
+                   authors_mean=preset.authors_mean)
         return cfg
 
     def select(self, span: SpanInput, config: dict[str, Any]) -> SpanSelection:
@@ -203,6 +237,10 @@ class IVCPrune(PruningMethod):
         tiles = span.tiles
         if tiles is not None and tiles.thumbnail and config["tile_scheme"] == "thumbnail" and ablation is None:
             return self._select_tiles(span, config, target)
+        anyres = span.layout if isinstance(span.layout, tiles_mod.AnyResLayout) else None
+        if anyres is not None and anyres.mosaic and config["tile_scheme"] == "thumbnail" and ablation is None \
+                and config["rule"] == "fill":
+            return self._select_anyres(span, config, target)
         groups: dict[str, torch.Tensor] = {}
         priority: list[torch.Tensor] = []
 
@@ -244,6 +282,19 @@ class IVCPrune(PruningMethod):
         fg, seeds, note = self._foreground(span, config, n_seed, part=(layout.thumbnail_start, layout.tile_tokens))
         chosen = tiles_mod.tile_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
                                           thumbnail_ratio=target / span.length, target=target)
+        return SpanSelection(chosen.kept, chosen.groups, note)
+
+    def _select_anyres(self, span: SpanInput, config: dict[str, Any], target: int) -> SpanSelection:
+        """LLaVA-OneVision's AnyRes images (:func:`ivcprune.tiles.anyres_selection`): IVC per view, seeds and
+        foreground ranked on the base view and mapped onto the mosaic (by analogy with InternVL's thumbnail)."""
+        layout = span.layout
+        n_seed = sel.ratio_count(config["seed_ratio"], layout.base_tokens)
+        if config["min_one_seed"]:
+            n_seed = max(1, n_seed)
+        cos_s, sin_s = span_ivc_scores(span, config["ivc_statistic"], config["numerics"])
+        fg, seeds, note = self._foreground(span, config, n_seed, part=(0, layout.base_tokens))
+        chosen = tiles_mod.anyres_selection(layout, cos_s, sin_s, fg.cpu(), seeds.cpu(), ivc_ratio=config["ivc_ratio"],
+                                            target=target)
         return SpanSelection(chosen.kept, chosen.groups, note)
 
     def _foreground(self, span: SpanInput, config: dict[str, Any], n_seed: int,

@@ -449,6 +449,8 @@ def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> d
 
 # -- training ------------------------------------------------------------------------------------
 CHECKPOINT = "checkpoint.pt"
+# recipe fields that change how a run is watched and stopped, not what it learns: a resumed run may change them
+OPERATIONAL = ("minutes", "eval_every", "eval_samples", "checkpoint_every")
 
 
 def _step_rng(r: ToyRecipe, phase: str, step: int) -> random.Random:
@@ -507,8 +509,8 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        if saved["recipe"] != asdict(r):
-            diff = sorted(k for k, v in asdict(r).items() if saved["recipe"].get(k) != v)
+        diff = sorted(k for k, v in asdict(r).items() if saved["recipe"].get(k) != v and k not in OPERATIONAL)
+        if diff:
             raise ValueError(f"{ckpt} belongs to a run with another recipe (differs in {', '.join(diff)}); "
                              "train into a new folder, or pass the same settings to resume")
         model.load_state_dict(saved["model"])

@@ -52,7 +52,7 @@ class UnsupportedCacheError(ValueError):
 def _finish_queued_work(device: torch.device) -> None:
     """Wait for the kernels queued on an accelerator (a no-op on the CPU). Selection reads results on the host,
     so it waits anyway; waiting first keeps that wait out of its timing."""
-    if device.type != "cpu" and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+    if device.type != "cpu" and torch.accelerator.is_available():  # torch >= 2.6 (the pinned range)
         torch.accelerator.synchronize(device)
 
 

@@ -145,10 +145,11 @@ def test_demo_writes_pictures(tmp_path, capsys):
 
 
 def test_model_card_has_recipe_curve_and_tables(tmp_path):
+    from dataclasses import asdict
+
     from ivcprune.toy.card import write_card
 
-    recipe = {k: getattr(toy.ToyRecipe(), k) for k in ("seed", "data_seed", "batch_size", "queries_per_image", "lr",
-                                                       "warmup_steps", "min_lr_ratio", "weight_decay", "threads")}
+    recipe = asdict(toy.ToyRecipe(align_steps=100))
     history = [{"step": 300, "images": 2400, "train_seconds": 400.0, "loss": 0.5, "acc": 0.125, "miou": 0.2}]
     (tmp_path / "training_log.json").write_text(json.dumps(
         {"recipe": recipe, "parameters": 1_600_000, "steps": 300, "images": 2400, "train_seconds": 400.0,
@@ -164,6 +165,8 @@ def test_model_card_has_recipe_curve_and_tables(tmp_path):
     assert "| 300 | 2400 | 400.0 | 0.5 | 12.5 | 0.200 |" in text  # learning curve row
     assert "| IVC-Prune | 0.5 | 3 | 60.0 | 75.0% |" in text  # relative to unpruned
     assert "| attribute | ordinal |" in text and "| IVC-Prune | 0.5 | 3 | 70.0 | - |" in text
+    # the stages as run: 100 alignment steps, then the remaining 200 of the 300 as instructions
+    assert "stage 2a, alignment (the whole model): 100 steps" in text and "stage 2b, instructions: 200 steps" in text
 
 
 def test_soft_bin_loss_prefers_near_misses_and_reports_the_error():

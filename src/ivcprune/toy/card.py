@@ -55,6 +55,26 @@ def recipe_lines(r: dict, log: dict) -> list[str]:
     ]
 
 
+def idle_hours(log: dict) -> float | None:
+    """The whole recipe's training time on idle cores, from the per-step rates in ``log["idle_timing"]``."""
+    t = log.get("idle_timing")
+    if not t:
+        return None
+    r = log["recipe"]
+    return (r["vision_steps"] * t["vision_s_per_step"] + log["steps"] * t["s_per_step"]) / 3600
+
+
+def timing_note(log: dict) -> str:
+    """Where the logged time includes time the cores were shared, the rate measured on idle cores."""
+    t = log.get("idle_timing")
+    if not t:
+        return ""
+    return (f". The logged time includes stretches when the two cores were shared with other jobs; on idle "
+            f"cores the vision stage ran at {t['vision_s_per_step']:.2f} s per step and steps "
+            f"{t['from_step']}-{t['to_step']} at {t['s_per_step']:.2f} s per step ({t['source']}), which puts the "
+            f"whole recipe at {idle_hours(log):.1f} h")
+
+
 def hit_rates_markdown(rates: dict[str, dict[str, float]]) -> str:
     """Rows of :func:`ivcprune.toy.evaluate.target_hit_rates`."""
     lines = ["| signal | target tokens in top 20% (recall) | chance | samples with a target token in it | chance |",
@@ -117,7 +137,8 @@ def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: 
         "",
         f"- seed {r['seed']}, data seed {r['data_seed']}; {log['train_seconds'] / 60:.1f} min of training "
         "(validation excluded) on a 2-core CPU, resumable from `checkpoint.pt` (the data of every step is a "
-        "function of the step: an interrupted run continues where it stopped and ends with the same weights)",
+        "function of the step: an interrupted run continues where it stopped and ends with the same weights)"
+        + timing_note(log),
         *recipe_lines(r, log),
         "",
         "Learning curve (validation split):",

@@ -33,26 +33,47 @@ def test_tokenizer_has_coordinate_tokens_and_special_tokens(processor):
 
 def test_training_batch_labels_and_anchors(processor):
     tok = processor.tokenizer
-    samples = [synth.make_sample(0, "train", i) for i in range(2)]
-    extras = [toy._extras(s, random.Random(i), 2) for i, s in enumerate(samples)]
-    b = toy.encode_training_batch(processor, samples, extras)
-    assert b["pixel_values"].shape[0] == 2 * 1024 and (b["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
-        "<|image_pad|>")).sum() == 2 * 256
-    for row in range(2):
-        labelled = b["labels"][row][b["labels"][row] != -100]
-        text = tok.decode(labelled)
-        answers = [samples[row].answer] + [synth.format_answer(box, next(o.label for o in samples[row].objects
-                                                                         if o.box == box)) for _, box in extras[row]]
-        assert text == "".join(a + "<|im_end|>" for a in answers)  # replies only, each with its end token
-    # each coordinate's anchor is the token right before its digits, and its target the coordinate
-    for (row, pos, _), target in zip(b["box_anchor"].tolist(), b["box_target"].tolist()):
-        digits = ""
-        p = pos + 1
-        while tok.convert_ids_to_tokens(int(b["input_ids"][row, p])).isdigit():
-            digits += tok.convert_ids_to_tokens(int(b["input_ids"][row, p]))
-            p += 1
-        assert int(digits) == round(target * synth.IMAGE_SIZE)
-    assert len(b["box_attend"]) == b["box_anchor"].shape[0]
+    r = toy.ToyRecipe(batch_size=2, align_steps=1)
+    for step in (0, 5):  # an alignment chat, then instruction chats
+        samples, turns = toy.stage_batch(r, step)
+        b = toy.encode_training_batch(processor, samples, turns)
+        assert b["pixel_values"].shape[0] == 2 * 1024 and (b["input_ids"] == tok.convert_tokens_to_ids(
+            "<|image_pad|>")).sum() == 2 * 256
+        boxes = []
+        for row in range(2):
+            labelled = b["labels"][row][b["labels"][row] != -100]
+            assert tok.decode(labelled) == "".join(t.answer + "<|im_end|>" for t in turns[row])  # replies only
+            boxes += [box for t in turns[row] for box in t.boxes]
+        # every coordinate of every box written in a reply has an anchor: the token right before its digits
+        assert b["box_anchor"].shape[0] == 4 * len(boxes) > 0
+        for i, ((row, pos, k), target) in enumerate(zip(b["box_anchor"].tolist(), b["box_target"].tolist())):
+            assert k == i % 4
+            assert tok.convert_ids_to_tokens(int(b["input_ids"][row, pos + 1])) == str(round(target * synth.IMAGE_SIZE))
+        assert [round(t * synth.IMAGE_SIZE) for t in b["box_target"].tolist()] == [v for box in boxes for v in box]
+    kinds = [[t.question for t in ts] for ts in toy.stage_batch(r, 0)[1]]
+    assert all(sorted(q[:4] for q in qs) == ["List", "What"] for qs in kinds)
+
+
+def test_alignment_turns_name_and_locate_every_object():
+    s = synth.make_sample(0, "train", 3)
+    turns = toy.alignment_turns(s, random.Random(0), regions=2)
+    listing = next(t for t in turns if t.question == toy.LIST_PROMPT)
+    entries = json.loads(listing.answer)
+    assert [(e["label"], tuple(e["bbox_2d"])) for e in entries] == [(o.label, o.box) for o in toy.reading_order(s)]
+    assert [tuple(e["bbox_2d"]) for e in entries] == listing.boxes and len(entries) == len(s.objects)
+    assert sorted(b[1] for b in listing.boxes) == [b[1] for b in listing.boxes]  # top to bottom
+    regions = [t for t in turns if t is not listing]
+    assert len(regions) == 2
+    for t in regions:  # the object at the box named in the question
+        box = tuple(json.loads(t.question[t.question.index("["): t.question.index("]") + 1]))
+        assert t.answer == next(o.label for o in s.objects if o.box == box) and t.boxes == []
+
+
+def test_step_data_is_a_function_of_the_step():
+    r = toy.ToyRecipe(batch_size=2, align_steps=1)
+    a, b = toy.stage_batch(r, 7), toy.stage_batch(r, 7)
+    assert [s.id for s in a[0]] == [s.id for s in b[0]] == ["train-14", "train-15"] and a[1] == b[1]
+    assert toy.stage_batch(r, 8)[1] != a[1]
 
 
 def test_cell_targets_follow_the_objects():
@@ -69,20 +90,48 @@ def test_cell_targets_follow_the_objects():
         assert abs(cx - (o.box[0] + o.box[2]) / 2) < 28 and abs(cy - (o.box[1] + o.box[3]) / 2) < 28
 
 
+def _tiny_recipe(**kw):
+    return toy.ToyRecipe(vision_steps=2, vision_batch_size=2, steps=4, batch_size=2, eval_every=0, eval_samples=2,
+                         warmup_steps=2, layers=2, align_steps=2, checkpoint_every=1, **kw)
+
+
 def test_train_toy_runs_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    r = toy.ToyRecipe(vision_steps=2, vision_batch_size=2, steps=3, batch_size=2, eval_every=0, eval_samples=2,
-                      warmup_steps=2, layers=4, attn_layer=1)
-    summary = toy.train(tmp_path / "ck", r, log=lambda m: None)
-    assert summary["steps"] == 3 and summary["images"] == 6
+    summary = toy.train(tmp_path / "ck", _tiny_recipe(), log=lambda m: None)
+    assert summary["steps"] == 4 and summary["images"] == 8
     log = json.loads((tmp_path / "ck" / "training_log.json").read_text())
-    assert log["recipe"]["steps"] == 3 and log["history"][-1]["step"] == 3
+    assert log["recipe"]["steps"] == 4 and log["history"][-1]["step"] == 4
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ck")
     proc = AutoProcessor.from_pretrained(tmp_path / "ck")
     assert model.config.model_type == "qwen2_5_vl" and model.config._attn_implementation == "sdpa"
     assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not any("aux" in k or "coord" in k for k in model.state_dict())
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    toy.train(tmp_path / "whole", _tiny_recipe(), log=lambda m: None)
+    real = toy.stage_batch
+
+    def crash_at_3(r, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(r, step)
+
+    monkeypatch.setattr(toy, "stage_batch", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        toy.train(tmp_path / "cut", _tiny_recipe(), log=lambda m: None)
+    monkeypatch.setattr(toy, "stage_batch", real)
+    messages = []  # a resumed run may change how it is watched and stopped (the time budget), not what it learns
+    summary = toy.train(tmp_path / "cut", _tiny_recipe(minutes=10**6), log=messages.append)
+    assert any("resuming" in m and "step 3" in m for m in messages) and summary["steps"] == 4
+    whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    with pytest.raises(ValueError, match="another recipe.*lr"):
+        toy.train(tmp_path / "cut", _tiny_recipe(lr=5e-4), log=lambda m: None)
 
 
 def test_demo_writes_pictures(tmp_path, capsys):
@@ -96,10 +145,11 @@ def test_demo_writes_pictures(tmp_path, capsys):
 
 
 def test_model_card_has_recipe_curve_and_tables(tmp_path):
+    from dataclasses import asdict
+
     from ivcprune.toy.card import write_card
 
-    recipe = {k: getattr(toy.ToyRecipe(), k) for k in ("seed", "data_seed", "batch_size", "queries_per_image", "lr",
-                                                       "warmup_steps", "min_lr_ratio", "weight_decay", "threads")}
+    recipe = asdict(toy.ToyRecipe(align_steps=100))
     history = [{"step": 300, "images": 2400, "train_seconds": 400.0, "loss": 0.5, "acc": 0.125, "miou": 0.2}]
     (tmp_path / "training_log.json").write_text(json.dumps(
         {"recipe": recipe, "parameters": 1_600_000, "steps": 300, "images": 2400, "train_seconds": 400.0,
@@ -115,6 +165,8 @@ def test_model_card_has_recipe_curve_and_tables(tmp_path):
     assert "| 300 | 2400 | 400.0 | 0.5 | 12.5 | 0.200 |" in text  # learning curve row
     assert "| IVC-Prune | 0.5 | 3 | 60.0 | 75.0% |" in text  # relative to unpruned
     assert "| attribute | ordinal |" in text and "| IVC-Prune | 0.5 | 3 | 70.0 | - |" in text
+    # the stages as run: 100 alignment steps, then the remaining 200 of the 300 as instructions
+    assert "stage 2a, alignment (the whole model): 100 steps" in text and "stage 2b, instructions: 200 steps" in text
 
 
 def test_soft_bin_loss_prefers_near_misses_and_reports_the_error():

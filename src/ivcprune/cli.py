@@ -579,7 +579,10 @@ def cmd_train_toy(args) -> int:
 
     recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe) if getattr(args, f.name, None)
                           is not None})
-    summary = train(args.out, recipe, log=lambda m: print(m, flush=True))
+    try:
+        summary = train(args.out, recipe, log=lambda m: print(m, flush=True), resume=not args.no_resume)
+    except ValueError as e:
+        raise SystemExit(f"ivcprune: error: {e}") from None
     last = summary["history"][-1]
     print(f"trained {summary['steps']} steps ({summary['images']} images) in {summary['train_seconds']:.0f}s; "
           f"val Acc@0.5 {100 * last['acc']:.1f} on {recipe.eval_samples} samples -> {args.out}")
@@ -742,12 +745,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
     c.set_defaults(func=cmd_compare)
 
-    t = sub.add_parser("train-toy", help="train the embedded grounding model from scratch (CPU, about an hour)")
-    t.add_argument("--out", required=True, help="output checkpoint directory")
+    t = sub.add_parser("train-toy", help="train the embedded grounding model from scratch (2 CPU cores, under 4 hours; "
+                                         "resumable: run the same command again after an interruption)")
+    t.add_argument("--out", required=True, help="output checkpoint directory (holds checkpoint.pt while training)")
+    t.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--data-seed", type=int, default=None)
     t.add_argument("--minutes", type=float, default=None, help="training wall-clock budget (validation excluded)")
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--align-steps", type=int, default=None, help="alignment steps (object lists, region captions) "
+                                                                  "before the instruction steps")
+    t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--threads", type=int, default=None)

@@ -1,8 +1,9 @@
 """``make demo``: IVC-Prune end to end, offline.
 
-A handful of synthetic grounding samples, unpruned vs IVC-Prune at 50%: answers and IoU side by side,
-prefill / decode / KV-cache figures, and one picture per sample (true and predicted boxes, and the
-visual tokens coloured by kind: IVC / seed / foreground / pruned).
+A handful of synthetic grounding samples, unpruned vs IVC-Prune vs random pruning at 50%: answers and IoU
+side by side, prefill / decode / KV-cache figures, one picture per sample (true and predicted boxes, and the
+visual tokens each pruning kept, by kind: IVC / seed / foreground / random / pruned), and what the full
+measurement of the embedded model showed.
 
 It runs the embedded grounding model (``ivcprune.models.TOY_DIR``, trained by ``ivcprune train-toy``).
 Where that folder is missing (e.g. an install without package data), a small Qwen2.5-VL-architecture
@@ -17,6 +18,36 @@ import statistics
 import sys
 from pathlib import Path
 
+MEASURED_FILE = "measured.json"  # written next to the embedded model by scripts/measure_toy.py
+
+
+def measured_summary(model_dir: Path, budget: float) -> str | None:
+    """What the full measurement of the embedded model showed at ``budget`` (1,000 test samples), in words."""
+    import json
+
+    path = model_dir / MEASURED_FILE
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    rows = {(r["method"], r.get("budget")): r for r in m["rows"]}
+    need = [("none", None), ("ivc", budget), ("random", budget)]
+    if not all(k in rows for k in need):
+        return None
+    base, ivc, rnd = (100 * rows[k]["accuracy"] for k in need)
+    verdict = ("IVC-Prune keeps more of the unpruned accuracy than random pruning" if ivc > rnd + 1 else
+               "random pruning keeps as much as IVC-Prune" if ivc >= rnd - 1 else
+               "random pruning keeps more than IVC-Prune")
+    text = (f"On all {rows[need[0]]['n']} test samples (scripts/measure_toy.py), this model scores Acc@0.5 "
+            f"{base:.1f} unpruned, {ivc:.1f} with IVC-Prune and {rnd:.1f} with random pruning at {budget:g}: "
+            f"{verdict}.")
+    rates = m.get("hit_rates", {})
+    if "foreground" in rates and "attention" in rates:
+        fg, att = rates["foreground"], rates["attention"]
+        text += (f" The target object's tokens are {100 * fg['recall']:.0f}% in IVC-Prune's top-20% foreground "
+                 f"tokens and {100 * att['recall']:.0f}% in FastV's top 20% by attention "
+                 f"(chance {100 * fg['chance_recall']:.0f}%).")
+    return text
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -29,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from .boxes import iou, parse_qwen25_box
     from .evals.synth import make_sample
     from .inputs import build_inputs, user_message
-    from .methods import IVCPrune
+    from .methods import IVCPrune, RandomPrune
     from .models import TOY_DIR, load_model, save_tiny_checkpoint
-    from .viz import prediction_picture
+    from .viz import draw_boxes, kinds_legend, panel, span_panels
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,55 +72,63 @@ def main(argv: list[str] | None = None) -> int:
         save_tiny_checkpoint(ckpt, init_std=0.15, overrides={"num_hidden_layers": 8})
     model, processor = load_model(str(ckpt), dtype="float32")
     cell = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
-    pruner = IVCPrune(budget=args.budget)
+    methods = {"unpruned": None, "IVC-Prune": IVCPrune(budget=args.budget), "random": RandomPrune(budget=args.budget)}
+    colors = {"unpruned": (255, 140, 0), "IVC-Prune": (220, 0, 200), "random": (30, 120, 255)}
     warm, _ = build_inputs(processor, user_message("warm up", [make_sample(0, "test", 0).image]))
-    for m in (None, pruner):  # first calls pay one-off costs; keep them out of the timings
+    for m in methods.values():  # first calls pay one-off costs; keep them out of the timings
         measure_generate(model, warm, m, max_new_tokens=2)
-    rows, base_runs, pruned_runs, pictures = [], [], [], []
+    rows, runs, pictures = [], {name: [] for name in methods}, []
     for i in range(args.n):
         s = make_sample(0, "test", i)
         inputs, images = build_inputs(processor, user_message(s.question, [s.image]))
-        base = measure_generate(model, inputs, None, max_new_tokens=32, force_length=False)
-        pruned = measure_generate(model, inputs, pruner, max_new_tokens=32, force_length=False)
-        answers = [processor.decode(r.tokens, skip_special_tokens=True) for r in (base, pruned)]
-        boxes = [parse_qwen25_box(a) for a in answers]
-        ious = [iou(b, s.box) for b in boxes]
-        rows.append((s.id, s.ref, answers[0], ious[0], answers[1], ious[1]))
-        base_runs.append(base)
-        pruned_runs.append(pruned)
-        span = pruner.last_report.spans[0]
+        answers, ious, boxes, spans = {}, {}, {}, {}
+        for name, m in methods.items():
+            run = measure_generate(model, inputs, m, max_new_tokens=40, force_length=False)
+            runs[name].append(run)
+            answers[name] = processor.decode(run.tokens, skip_special_tokens=True)
+            boxes[name] = parse_qwen25_box(answers[name])
+            ious[name] = iou(boxes[name], s.box)
+            if m is not None:
+                spans[name] = m.last_report.spans[0]
+        rows.append((s.id, s.ref, answers, ious))
         seen = images[0]
-        pic = prediction_picture(
-            seen, span, cell,
-            [(s.box, (0, 170, 0), "truth"), (boxes[0], (255, 140, 0), "unpruned"),
-             (boxes[1], (220, 0, 200), "IVC-Prune")],
-            (f"{s.ref}  (IoU unpruned {ious[0]:.2f}, pruned {ious[1]:.2f})",
-             f"kept {span.kept}/{span.length} visual tokens at layer {pruner.last_report.layer}"))
+        left = draw_boxes(seen, [(s.box, (0, 170, 0), "truth")] + [(boxes[n], colors[n], n) for n in methods])
+        token_panels = [span_panels(seen, spans[n], cell)[0][0] for n in spans]
+        titles = [s.ref] + [f"{n}: kept {spans[n].kept}/{spans[n].length}, IoU {ious[n]:.2f}" for n in spans]
+        width = sum(im.width for im in [left, *token_panels]) + 8 * 4
+        pic = panel([left, *token_panels], titles,
+                    footer=kinds_legend(width, ["ivc_cos", "ivc_sin", "seed", "foreground", "random"]))
         path = out / f"sample_{i}.png"
         pic.save(path)
         pictures.append(path)
 
+    layer = methods["IVC-Prune"].last_report.layer
     print(f"model: {ckpt} (Qwen2.5-VL architecture, {model.config.text_config.num_hidden_layers} layers), "
-          f"IVC-Prune budget {args.budget} at K={pruner.last_report.layer}")
+          f"IVC-Prune and random pruning at budget {args.budget}, K={layer}")
     if not trained:
         print("note: random weights (the embedded grounding model is missing): answers are noise, the "
               "kept tokens and the savings are real")
     print()
-    print("| sample | expression | unpruned answer | IoU | IVC-Prune answer | IoU |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | `{r[2]}` | {r[3]:.2f} | `{r[4]}` | {r[5]:.2f} |")
-    hits = [sum(r[3] >= 0.5 for r in rows), sum(r[5] >= 0.5 for r in rows)]
+    names = list(methods)
+    print("| sample | expression | " + " | ".join(f"{n} answer | IoU" for n in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
+    for sid, ref, answers, ious in rows:
+        print(f"| {sid} | {ref} | " + " | ".join(f"`{answers[n]}` | {ious[n]:.2f}" for n in names) + " |")
+    print(f"\nAcc@0.5 on these {len(rows)}: " + ", ".join(
+        f"{n} {sum(r[3][n] >= 0.5 for r in rows)}/{len(rows)}" for n in names))
+    summary = measured_summary(ckpt, args.budget) if trained else None
+    if summary:
+        print(summary)
     med = statistics.median
-    print(f"\nAcc@0.5 on these {len(rows)}: unpruned {hits[0]}/{len(rows)}, IVC-Prune {hits[1]}/{len(rows)}")
-    print("\n| | unpruned | IVC-Prune |\n|---|---|---|")
-    print(f"| prefill ms (median) | {1000 * med([r.prefill_s for r in base_runs]):.1f} | "
-          f"{1000 * med([r.prefill_s for r in pruned_runs]):.1f} |")
-    print(f"| decode ms/token (median) | {med([r.decode_ms_per_token for r in base_runs]):.2f} | "
-          f"{med([r.decode_ms_per_token for r in pruned_runs]):.2f} |")
-    print(f"| KV cache after prefill | {_fmt_bytes(base_runs[0].kv_bytes_prompt)} "
-          f"({base_runs[0].kv_tokens_prompt} tok) | "
-          f"{_fmt_bytes(pruned_runs[0].kv_bytes_prompt)} ({pruned_runs[0].kv_tokens_prompt} tok) |")
-    print(f"\npictures (true box green, unpruned orange, IVC-Prune magenta; tokens by kind): {out.resolve()}")
+    print("\n| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    print("| prefill ms (median) | " + " | ".join(f"{1000 * med([r.prefill_s for r in runs[n]]):.1f}" for n in names)
+          + " |")
+    print("| decode ms/token (median) | " + " | ".join(f"{med([r.decode_ms_per_token for r in runs[n]]):.2f}"
+                                                   for n in names) + " |")
+    print("| KV cache after prefill | " + " | ".join(
+        f"{_fmt_bytes(runs[n][0].kv_bytes_prompt)} ({runs[n][0].kv_tokens_prompt} tok)" for n in names) + " |")
+    print(f"\npictures (true box green, unpruned orange, IVC-Prune magenta, random blue; the visual tokens each "
+          f"pruning kept, by kind): {out.resolve()}")
     for p in pictures:
         print(f"  {p}")
     return 0

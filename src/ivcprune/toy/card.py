@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..evals import synth
 from ..evals.grounding import comparison_markdown, run_cells
-from .train import NUMBER_TOKENS
+from .train import LIST_PROMPT, NUMBER_TOKENS, REGION_PROMPT
 
 
 def learning_curve_markdown(history: list[dict]) -> str:
@@ -28,8 +28,67 @@ def by_kind_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: dict[str, str]) -> Path:
-    """``results``: table name -> rows of metrics (as written by ``ivcprune eval``)."""
+def recipe_lines(r: dict, log: dict) -> list[str]:
+    """The training stages as markdown bullets (recipes before the alignment stage had no ``align_steps``)."""
+    vision = (f"- stage 1, vision tower alone: {r['vision_steps']} steps of {r['vision_batch_size']} images, "
+              "dense per-token targets (object colour and shape, the covering object's box, the token's position) "
+              "through linear probes that are dropped afterwards (the role of a pretrained vision encoder)")
+    opt = (f"- AdamW (lr {r['lr']}, warmup {r['warmup_steps']}, cosine to {r['min_lr_ratio']}x, weight decay "
+           f"{r['weight_decay']}), {r['threads']} CPU threads; losses: next-token cross-entropy on the replies, "
+           f"each coordinate's distribution over the coordinate tokens against a Gaussian around the true value "
+           f"(sigma {r.get('coord_sigma')} px), the stage-1 probes (weight {r.get('aux_weight')})")
+    if "align_steps" not in r:
+        return [vision, f"- {log['steps']} steps of {r['batch_size']} images ({log['images']} images, each with "
+                        f"1-{r['queries_per_image']} questions as a multi-turn chat)", opt]
+    align = min(r["align_steps"], log["steps"])
+    return [
+        vision,
+        f"- stage 2a, alignment (the whole model): {align} steps of {r['batch_size']} images, each a chat that "
+        f"lists every object with its label and box (`{LIST_PROMPT}`) and names the object at "
+        f"{r['regions_per_image']} given box(es) (`{REGION_PROMPT}`): the language side learns to name what it "
+        "sees where it sees it",
+        f"- stage 2b, instructions: {max(0, log['steps'] - align)} steps of {r['batch_size']} images, 1-"
+        f"{r['queries_per_image']} referring expressions per image as a multi-turn chat, the object list replayed "
+        f"first on {100 * r['list_share']:.0f}% of the images",
+        f"- {log['images']} chat images in all; no loss looks at any pruning method's scores or at attention",
+        opt,
+    ]
+
+
+def idle_hours(log: dict) -> float | None:
+    """The whole recipe's training time on idle cores, from the per-step rates in ``log["idle_timing"]``."""
+    t = log.get("idle_timing")
+    if not t:
+        return None
+    r = log["recipe"]
+    return (r["vision_steps"] * t["vision_s_per_step"] + log["steps"] * t["s_per_step"]) / 3600
+
+
+def timing_note(log: dict) -> str:
+    """Where the logged time includes time the cores were shared, the rate measured on idle cores."""
+    t = log.get("idle_timing")
+    if not t:
+        return ""
+    return (f". The logged time includes stretches when the two cores were shared with other jobs; on idle "
+            f"cores the vision stage ran at {t['vision_s_per_step']:.2f} s per step and steps "
+            f"{t['from_step']}-{t['to_step']} at {t['s_per_step']:.2f} s per step ({t['source']}), which puts the "
+            f"whole recipe at {idle_hours(log):.1f} h")
+
+
+def hit_rates_markdown(rates: dict[str, dict[str, float]]) -> str:
+    """Rows of :func:`ivcprune.toy.evaluate.target_hit_rates`."""
+    lines = ["| signal | target tokens in top 20% (recall) | chance | samples with a target token in it | chance |",
+             "|---|---|---|---|---|"]
+    for name, v in rates.items():
+        lines.append(f"| {name} | {100 * v['recall']:.1f}% | {100 * v['chance_recall']:.1f}% | {100 * v['hit']:.1f}% "
+                     f"| {100 * v['chance_hit']:.1f}% |")
+    return "\n".join(lines)
+
+
+def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: dict[str, str],
+               hit_rates: dict[str, dict[str, float]] | None = None) -> Path:
+    """``results``: table name -> rows of metrics (as written by ``ivcprune eval``); ``hit_rates``: what
+    :func:`ivcprune.toy.evaluate.target_hit_rates` measured (``commands["hit_rates"]`` says how)."""
     model_dir = Path(model_dir)
     log = json.loads((model_dir / "training_log.json").read_text())
     r = log["recipe"]
@@ -76,11 +135,11 @@ def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: 
         "",
         f"`{commands.get('train', 'ivcprune train-toy --out DIR')}`",
         "",
-        f"- seed {r['seed']}, data seed {r['data_seed']}; {log['steps']} steps of {r['batch_size']} images "
-        f"({log['images']} images, each with 1-{r['queries_per_image']} questions as a multi-turn chat)",
-        f"- AdamW (lr {r['lr']}, warmup {r['warmup_steps']}, cosine to {r['min_lr_ratio']}x, weight decay "
-        f"{r['weight_decay']}), loss on the answers only, {r['threads']} CPU threads",
-        f"- training time {log['train_seconds'] / 60:.1f} min (validation excluded) on a 2-core CPU",
+        f"- seed {r['seed']}, data seed {r['data_seed']}; {log['train_seconds'] / 60:.1f} min of training "
+        "(validation excluded) on a 2-core CPU, resumable from `checkpoint.pt` (the data of every step is a "
+        "function of the step: an interrupted run continues where it stopped and ends with the same weights)"
+        + timing_note(log),
+        *recipe_lines(r, log),
         "",
         "Learning curve (validation split):",
         "",
@@ -92,6 +151,12 @@ def write_card(model_dir: str | Path, results: dict[str, list[dict]], commands: 
     for name, rows in results.items():
         parts += [f"### {name}", "", f"`{commands.get(name, '')}`", "", comparison_markdown(rows), "",
                   "Acc@0.5 by expression kind:", "", by_kind_markdown(rows), ""]
+    if hit_rates:
+        parts += ["### Where the pruning signals land", "", f"`{commands.get('hit_rates', '')}`", "",
+                  "How often the referred object's visual tokens are among the image's top 20% by IVC-Prune's "
+                  "foreground score (`no_ivc`: seeds, then refinement) and by the last prompt token's attention in "
+                  "layer K-1 (FastV's ranking), against random selection and exact chance:", "",
+                  hit_rates_markdown(hit_rates), ""]
     path = model_dir / "README.md"
     path.write_text("\n".join(parts))
     return path

@@ -44,12 +44,14 @@ class ToyRecipe:
     # around the true value (an ordered target: near misses cost less)
     coord_weight: float = 1.0
     coord_sigma: float = 3.0
-    # one head of one middle layer is taught where to look: at the target object's tokens
-    attn_weight: float = 1.0
-    attn_layer: int = 3
+    # stage 2a (alignment): object lists and region captions only; stage 2b (instructions): referring
+    # expressions, 1-3 per image, with the object list replayed before them on `list_share` of the images
+    align_steps: int = 1500
+    list_share: float = 0.3
+    regions_per_image: int = 1
     # a fixed number of steps (reproducible); `minutes` is only a safety stop for the whole run
-    steps: int = 3100
-    minutes: float = 58.0
+    steps: int = 12000
+    minutes: float = 235.0
     batch_size: int = 8
     queries_per_image: int = 3
     lr: float = 1e-3
@@ -57,8 +59,9 @@ class ToyRecipe:
     warmup_steps: int = 200
     weight_decay: float = 0.05
     threads: int = 2
-    eval_every: int = 300
+    eval_every: int = 500
     eval_samples: int = 100
+    checkpoint_every: int = 250  # steps between resumable checkpoints (``checkpoint.pt`` in the output folder)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -184,28 +187,72 @@ def toy_config(tokenizer, r: ToyRecipe):
 
 
 # -- training data -------------------------------------------------------------------------------
-def conversation(sample: synth.Sample, extra: list[tuple[str, tuple]] = ()):
-    """Chat messages: the image and first question, then further questions about the same image."""
-    msgs = [
-        {"role": "user",
-         "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]},
-        {"role": "assistant", "content": sample.answer},
-    ]
+LIST_PROMPT = "List every object in the image with its bbox coordinates in JSON format."
+REGION_PROMPT = "What is the object at {box}?"
+
+
+@dataclass
+class Turn:
+    """One question and its reply; ``boxes`` are the boxes the reply writes, in order."""
+
+    question: str
+    answer: str
+    boxes: list[tuple[int, int, int, int]]
+
+
+def reading_order(sample: synth.Sample) -> list[synth.Obj]:
+    """The objects top to bottom, then left to right (by the top-left corner of their box)."""
+    return sorted(sample.objects, key=lambda o: (o.box[1], o.box[0]))
+
+
+def object_list_answer(sample: synth.Sample) -> str:
+    """All objects as a JSON list of Qwen2.5-VL-style entries (label, then box), in reading order."""
+    return "[" + ", ".join(synth.format_answer(o.box, o.label) for o in reading_order(sample)) + "]"
+
+
+def alignment_turns(sample: synth.Sample, rng: random.Random, regions: int = 1) -> list[Turn]:
+    """Stage 2a, the alignment of a VLM's pre-training: the whole scene as a list of named, located objects,
+    and region captions (name the object at a given box)."""
+    objs = reading_order(sample)
+    turns = [Turn(LIST_PROMPT, object_list_answer(sample), [o.box for o in objs])]
+    for o in rng.sample(objs, min(regions, len(objs))):
+        box = "[" + ", ".join(str(v) for v in o.box) + "]"
+        turns.append(Turn(REGION_PROMPT.format(box=box), o.label, []))
+    rng.shuffle(turns)
+    return turns
+
+
+def grounding_turns(sample: synth.Sample, rng: random.Random, extra: int, with_list: bool) -> list[Turn]:
+    """Stage 2b, instructions: the sample's referring expression, ``extra`` more about other objects of
+    the same image, optionally after the object list (replay of the alignment task)."""
     labels = {o.box: o.label for o in sample.objects}
-    for ref, box in extra:
-        msgs.append({"role": "user", "content": synth.PROMPT.format(ref=ref)})
-        msgs.append({"role": "assistant", "content": synth.format_answer(box, labels.get(box))})
+    turns = [Turn(sample.question, sample.answer, [sample.box])]
+    turns += [Turn(synth.PROMPT.format(ref=ref), synth.format_answer(box, labels.get(box)), [box])
+              for ref, box in _extras(sample, rng, extra)]
+    if with_list:
+        turns.insert(0, Turn(LIST_PROMPT, object_list_answer(sample), [o.box for o in reading_order(sample)]))
+    return turns
+
+
+def conversation(sample: synth.Sample, turns: list[Turn]):
+    """Chat messages: the image with the first question, then the further questions about the same image."""
+    msgs = []
+    for i, t in enumerate(turns):
+        content = [{"type": "image", "image": sample.image}, {"type": "text", "text": t.question}] if i == 0 \
+            else t.question
+        msgs.append({"role": "user", "content": content})
+        msgs.append({"role": "assistant", "content": t.answer})
     return msgs
 
 
-def encode_training_batch(processor, samples, extras):
+def encode_training_batch(processor, samples, turns):
     """Right-padded batch with labels on the assistant replies (and their end token) only.
 
-    Also returns, for the auxiliary box regression, ``box_anchor`` (rows of ``(batch, position, k)``: the
-    token right before the digits of coordinate ``k`` of an answer) and ``box_target`` (that coordinate,
-    normalised to [0, 1])."""
+    Also returns, for the coordinate losses, ``box_anchor`` (rows of ``(batch, position, k)``: the token
+    right before coordinate ``k`` of a box in a reply), ``box_target`` (that coordinate, normalised to
+    [0, 1]) and ``box_attrs`` (colour and shape of the box's object)."""
     tok = processor.tokenizer
-    texts = [processor.apply_chat_template(conversation(s, e), tokenize=False) for s, e in zip(samples, extras)]
+    texts = [processor.apply_chat_template(conversation(s, t), tokenize=False) for s, t in zip(samples, turns)]
     enc = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
     ids = enc["input_ids"]
     labels = torch.full_like(ids, -100)
@@ -213,54 +260,40 @@ def encode_training_batch(processor, samples, extras):
     end = tok.convert_tokens_to_ids("<|im_end|>")
     h = len(header)
     digit_ids = set(number_token_ids(tok))
-    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    anchors, targets, attrs, attend = [], [], [], []
+    anchors, targets, attrs = [], [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
-        boxes = [samples[b].box] + [box for _, box in extras[b]]
         by_box = {o.box: o for o in samples[b].objects}
-        cells = object_cells(samples[b])
-        image_pos = (ids[b] == image_id).nonzero().squeeze(1)
-        answer = 0
+        replies = iter(turns[b])
         i = 0
         while i < len(row):
             if row[i : i + h] == header:
+                turn = next(replies)
                 j = i + h
-                starts = []
+                numbers = []
                 while j < len(row) and row[j] != end:
                     labels[b, j] = row[j]
-                    if row[j] in digit_ids and row[j - 1] not in digit_ids:
-                        starts.append(j)
+                    if row[j] in digit_ids:
+                        numbers.append(j)
                     j += 1
                 if j < len(row):
                     labels[b, j] = end
-                # the first number is the "2" of "bbox_2d"; the next four are the coordinates
-                obj = by_box[boxes[answer]]
-                for k, pos in enumerate(starts[1:5]):
-                    anchors.append((b, pos - 1, k))
-                    targets.append(boxes[answer][k] / synth.IMAGE_SIZE)
-                    attrs.append((list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape)))
-                    attend.append(image_pos[cells[boxes[answer]]])
-                answer += 1
+                # each box is written as "bbox_2d": [x1, y1, x2, y2]: the "2" of its key, then 4 coordinates
+                if len(numbers) != 5 * len(turn.boxes):
+                    raise ValueError(f"reply {turn.answer!r}: expected {len(turn.boxes)} boxes")
+                for n, box in enumerate(turn.boxes):
+                    obj = by_box[box]
+                    for k, pos in enumerate(numbers[5 * n + 1 : 5 * n + 5]):
+                        anchors.append((b, pos - 1, k))
+                        targets.append(box[k] / synth.IMAGE_SIZE)
+                        attrs.append((list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape)))
                 i = j
             i += 1
     enc["labels"] = labels
     enc["box_anchor"] = torch.tensor(anchors, dtype=torch.long).reshape(-1, 3)
     enc["box_target"] = torch.tensor(targets, dtype=torch.float32)
     enc["box_attrs"] = torch.tensor(attrs, dtype=torch.long).reshape(-1, 2)
-    enc["box_attend"] = attend  # per anchor: sequence positions of the target object's visual tokens
     return enc
-
-
-def attention_loss(attn: torch.Tensor, anchor: torch.Tensor, attend: list[torch.Tensor]) -> torch.Tensor:
-    """-log of the attention mass one head puts on the target object's tokens, at each anchor.
-
-    ``attn``: (B, H, S, S) attention probabilities of one layer; head 0 is supervised."""
-    if anchor.numel() == 0:
-        return attn.sum() * 0
-    rows = attn[anchor[:, 0], 0, anchor[:, 1]]  # (M, S)
-    mass = torch.stack([rows[i, pos].sum() for i, pos in enumerate(attend)])
-    return -(mass + 1e-6).log().mean()
 
 
 def _extras(sample: synth.Sample, rng: random.Random, k: int):
@@ -415,50 +448,56 @@ def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> d
 
 
 # -- training ------------------------------------------------------------------------------------
-def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> dict:
-    """Train the toy model from scratch; writes the checkpoint, processor and training log to ``out_dir``."""
+CHECKPOINT = "checkpoint.pt"
+# recipe fields that change how a run is watched and stopped, not what it learns: a resumed run may change them
+OPERATIONAL = ("minutes", "eval_every", "eval_samples", "checkpoint_every")
+
+
+def _step_rng(r: ToyRecipe, phase: str, step: int) -> random.Random:
+    """The randomness of one step (which questions, which objects): a function of the step, so that a
+    resumed run draws what the uninterrupted run would have drawn."""
+    return random.Random(f"ivcprune-toy/{r.seed}/{phase}/{step}")
+
+
+def stage_batch(r: ToyRecipe, step: int) -> tuple[list[synth.Sample], list[list[Turn]]]:
+    """The images and chats of stage-2 step ``step``: alignment turns for the first ``align_steps`` steps,
+    then referring expressions (with the object list replayed on ``list_share`` of the images)."""
+    rng = _step_rng(r, "chat", step)
+    samples = [synth.make_sample(r.data_seed, "train", step * r.batch_size + i) for i in range(r.batch_size)]
+    if step < r.align_steps:
+        turns = [alignment_turns(s, rng, r.regions_per_image) for s in samples]
+    else:
+        turns = [grounding_turns(s, rng, rng.randint(0, r.queries_per_image - 1), rng.random() < r.list_share)
+                 for s in samples]
+    return samples, turns
+
+
+def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resume: bool = True) -> dict:
+    """Train the toy model from scratch; writes the checkpoint, processor and training log to ``out_dir``.
+
+    A resumable checkpoint (``checkpoint.pt``: weights, optimiser, probes, progress) is written every
+    ``checkpoint_every`` steps; with ``resume`` an interrupted run continues from it and ends where the
+    uninterrupted run would have (the data of every step is a function of the step)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     r = recipe or ToyRecipe()
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
-    rng = random.Random(r.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(r.vocab_size, r.data_seed)
     processor = build_toy_processor(tok)
     cfg = toy_config(tok, r)
-    cfg._attn_implementation = "eager" if r.attn_weight > 0 else "sdpa"  # eager returns attention weights
+    cfg._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     init_number_embeddings(model, tok)
     number_ids = torch.tensor(number_token_ids(tok))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"toy model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)}")
-    t0 = time.time()
     heads = AuxHeads(cfg.text_config.hidden_size)
     visual = model.model.visual
     vopt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=r.vision_lr, betas=(0.9, 0.98),
                              weight_decay=r.weight_decay)
-    vision_index = 10**9  # stage-1 images come from their own part of the training stream
-    for vstep in range(r.vision_steps):
-        lr = _cosine(vstep, r.vision_steps, r.warmup_steps // 2, r.vision_lr, r.min_lr_ratio)
-        for g in vopt.param_groups:
-            g["lr"] = lr
-        samples = [synth.make_sample(r.data_seed, "train", vision_index + i) for i in range(r.vision_batch_size)]
-        vision_index += r.vision_batch_size
-        pix = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")
-        feats = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
-        loss, parts = heads.loss(feats, samples)
-        vopt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
-        vopt.step()
-        if (vstep + 1) % 50 == 0:
-            log(f"vision step {vstep + 1} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                + f" {time.time() - t0:.0f}s")
-    captured = {}
-    hook = visual.register_forward_hook(lambda m, a, o: captured.__setitem__("feats", o.pooler_output))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
     opt = torch.optim.AdamW(
@@ -466,70 +505,119 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print) -> di
          {"params": list(heads.parameters()), "weight_decay": 0.0}],
         lr=r.lr, betas=(0.9, 0.98),
     )
+    st = {"vision_step": 0, "step": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "ema": None, "history": []}
+    ckpt = out / CHECKPOINT
+    if resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        diff = sorted(k for k, v in asdict(r).items() if saved["recipe"].get(k) != v and k not in OPERATIONAL)
+        if diff:
+            raise ValueError(f"{ckpt} belongs to a run with another recipe (differs in {', '.join(diff)}); "
+                             "train into a new folder, or pass the same settings to resume")
+        model.load_state_dict(saved["model"])
+        heads.load_state_dict(saved["heads"])
+        vopt.load_state_dict(saved["vopt"])
+        opt.load_state_dict(saved["opt"])
+        st = saved["state"]
+        log(f"resuming from {ckpt}: vision step {st['vision_step']}, step {st['step']}")
+    log(f"toy model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)}")
     budget_s = r.minutes * 60
-    t_stage2 = time.time()
-    eval_s = 0.0  # time spent in validation, not counted against the training budget
-    history = []
-    step, seen, next_index = 0, 0, 0
-    ema = None
+    clock = time.time()
+
+    def tick() -> float:  # training seconds so far (this run's time added to the resumed runs')
+        nonlocal clock
+        now = time.time()
+        st["train_seconds"] += now - clock
+        clock = now
+        return st["train_seconds"]
+
+    def save_checkpoint():
+        tick()
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"recipe": asdict(r), "model": model.state_dict(), "heads": heads.state_dict(),
+                    "vopt": vopt.state_dict(), "opt": opt.state_dict(), "state": st}, tmp)
+        tmp.replace(ckpt)
+
     stopped_early = False
-    while step < r.steps:
-        if time.time() - t0 - eval_s > budget_s:
+    vision_index = 10**9  # stage-1 images come from their own part of the training stream
+    while st["vision_step"] < r.vision_steps:
+        vstep = st["vision_step"]
+        lr = _cosine(vstep, r.vision_steps, r.warmup_steps // 2, r.vision_lr, r.min_lr_ratio)
+        for g in vopt.param_groups:
+            g["lr"] = lr
+        first = vision_index + vstep * r.vision_batch_size
+        samples = [synth.make_sample(r.data_seed, "train", first + i) for i in range(r.vision_batch_size)]
+        pix = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")
+        feats = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+        loss, parts = heads.loss(feats, samples)
+        vopt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
+        vopt.step()
+        st["vision_step"] += 1
+        if st["vision_step"] % 50 == 0:
+            log(f"vision step {st['vision_step']} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + f" {tick():.0f}s")
+        if r.checkpoint_every and st["vision_step"] % r.checkpoint_every == 0:
+            save_checkpoint()
+    captured = {}
+    hook = visual.register_forward_hook(lambda m, a, o: captured.__setitem__("feats", o.pooler_output))
+    while st["step"] < r.steps:
+        if tick() > budget_s:
             stopped_early = True
-            log(f"stopping at step {step}: the {r.minutes} minute budget is spent")
+            log(f"stopping at step {st['step']}: the {r.minutes} minute budget is spent (resumable)")
             break
-        # the schedule follows the step count; on a machine too slow for `steps` within `minutes` it
-        # follows the clock instead, so that a cut-short run still ends with a decayed learning rate
-        spent = (time.time() - t_stage2 - eval_s) / max(1.0, budget_s - (t_stage2 - t0))
-        lr = _cosine(max(step, int(spent * r.steps)), r.steps, r.warmup_steps, r.lr, r.min_lr_ratio)
+        step = st["step"]
+        lr = _cosine(step, r.steps, r.warmup_steps, r.lr, r.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        samples = [synth.make_sample(r.data_seed, "train", next_index + i) for i in range(r.batch_size)]
-        next_index += r.batch_size
-        extras = [_extras(s, rng, rng.randint(0, r.queries_per_image - 1)) for s in samples]
-        batch = encode_training_batch(processor, samples, extras)
+        samples, turns = stage_batch(r, step)
+        batch = encode_training_batch(processor, samples, turns)
         anchor, target, attrs = batch.pop("box_anchor"), batch.pop("box_target"), batch.pop("box_attrs")
-        attend = batch.pop("box_attend")
-        res = model(**batch, output_hidden_states=True, output_attentions=r.attn_weight > 0)
+        res = model(**batch, output_hidden_states=True)
         lm_loss = res.loss
         aux, _ = heads.loss(captured.pop("feats"), samples)
         coord, coord_err, names = heads.coord_loss(res.logits, res.hidden_states[-1], anchor, target, attrs,
                                                    number_ids, r.coord_sigma)
         loss = lm_loss + r.aux_weight * (aux + names) + r.coord_weight * coord
-        if r.attn_weight > 0:
-            att = attention_loss(res.attentions[r.attn_layer], anchor, attend)
-            loss = loss + r.attn_weight * att
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        seen += len(samples)
-        ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
+        st["step"] += 1
+        st["ema"] = lm_loss.item() if st["ema"] is None else 0.95 * st["ema"] + 0.05 * lm_loss.item()
+        step = st["step"]
         if step % 25 == 0:
-            log(f"step {step} images {seen} loss {ema:.4f} coord_err_px {coord_err.item():.1f} "
-                f"names_ce {names.item():.3f} attn_nll {att.item() if r.attn_weight > 0 else 0:.3f} "
-                f"lr {lr:.2e} {time.time() - t0:.0f}s")
+            stage = "align" if step <= r.align_steps else "instruct"
+            log(f"step {step} ({stage}) loss {st['ema']:.4f} coord_err_px {coord_err.item():.1f} "
+                f"names_ce {names.item():.3f} lr {lr:.2e} {tick():.0f}s")
         if r.eval_every and step % r.eval_every == 0:
-            te = time.time()
+            tick()
             acc = quick_accuracy(model, processor, r.eval_samples, r.data_seed)
-            eval_s += time.time() - te
-            history.append({"step": step, "images": seen, "train_seconds": round(time.time() - t0 - eval_s, 1),
-                            "loss": round(ema, 4), **acc})
+            st["eval_seconds"] += time.time() - clock
+            clock = time.time()
+            st["history"].append({"step": step, "images": step * r.batch_size,
+                                  "train_seconds": round(st["train_seconds"], 1), "loss": round(st["ema"], 4), **acc})
             log(f"  val@{r.eval_samples}: acc {acc['acc']:.3f} mIoU {acc['miou']:.3f} parsed {acc['parsed']:.2f}")
+        if r.checkpoint_every and step % r.checkpoint_every == 0:
+            save_checkpoint()
     hook.remove()
+    save_checkpoint()
     model.eval()
-    model.set_attn_implementation("sdpa")
+    tick()
     final = quick_accuracy(model, processor, r.eval_samples, r.data_seed)
-    history.append({"step": step, "images": seen, "train_seconds": round(time.time() - t0 - eval_s, 1),
-                    "loss": round(ema or 0, 4), **final})
+    st["eval_seconds"] += time.time() - clock
+    history = list(st["history"])
+    if not history or history[-1]["step"] != st["step"]:
+        history.append({"step": st["step"], "images": st["step"] * r.batch_size,
+                        "train_seconds": round(st["train_seconds"], 1), "loss": round(st["ema"] or 0, 4), **final})
     model.generation_config.eos_token_id = cfg.eos_token_id
     model.generation_config.pad_token_id = cfg.pad_token_id
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    summary = {"recipe": asdict(r), "parameters": n_params, "steps": step, "images": seen,
-               "train_seconds": round(time.time() - t0 - eval_s, 1), "eval_seconds": round(eval_s, 1),
+    summary = {"recipe": asdict(r), "parameters": n_params, "steps": st["step"], "images": st["step"] * r.batch_size,
+               "vision_images": st["vision_step"] * r.vision_batch_size,
+               "train_seconds": round(st["train_seconds"], 1), "eval_seconds": round(st["eval_seconds"], 1),
                "stopped_early": stopped_early, "history": history}
     (out / "training_log.json").write_text(json.dumps(summary, indent=2))
     return summary

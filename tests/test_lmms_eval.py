@@ -166,7 +166,8 @@ def direct_answers(task_dir: Path, method=None) -> list[str]:
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1] :]
         answers.append(processor.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-    return answers
+    # lmms-eval strips the whitespace around each response it logs (a malformed answer may end in a space)
+    return [a.strip() for a in answers]
 
 
 # -- end to end: the lmms_eval command line ---------------------------------------------------------

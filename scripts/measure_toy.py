@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = target_hit_rates(model, processor, samples, progress=True)
     commands["hit_rates"] = f"python scripts/measure_toy.py --n {args.n} (first {args.n} test samples, preset K)"
     card = write_card(args.model, results, commands, hit_rates=rates)
-    first = next(iter(results.values()))  # the test split's methods and budgets: what the demo quotes
+    # the test split's methods and budgets: what the demo quotes (without this machine's model path)
+    first = [{k: v for k, v in row.items() if k != "model_path"} for row in next(iter(results.values()))]
     (Path(args.model) / MEASURED_FILE).write_text(json.dumps({"rows": first, "hit_rates": rates}, indent=1))
     print(card.read_text())
     return 0

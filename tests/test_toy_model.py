@@ -110,6 +110,44 @@ def test_target_hit_rates_read_the_selection_of_each_signal(shipped):
     assert rates["foreground"]["chance_recall"] == pytest.approx(51 / 256)
 
 
+def test_answer_outcomes_name_what_a_box_picked():
+    from ivcprune.toy.evaluate import OUTCOMES, answer_outcome
+
+    # a sample whose target shares its shape with another object, and has an object of another shape
+    s = next(s for s in synth.make_split(0, "test", 200) if s.kind == "ordinal"
+             and len({o.shape for o in s.objects}) > 1)
+    target = next(o for o in s.objects if o.box == s.box)
+    twin = next(o for o in s.objects if o.shape == target.shape and o is not target)
+    other = next(o for o in s.objects if o.shape != target.shape)
+    x1, y1, x2, y2 = s.box
+    shrunk = (x1, y1, x1 + (x2 - x1) * 0.6, y1 + (y2 - y1) * 0.6)  # IoU 0.36 with the target
+    assert answer_outcome(s, s.box) == "right"
+    assert answer_outcome(s, shrunk) == "target, IoU < 0.5"
+    assert answer_outcome(s, twin.box) == "other object, same shape"
+    assert answer_outcome(s, other.box) == "other object, other shape"
+    assert answer_outcome(s, None) == "unparsed"
+    empty = next((x, y) for x in range(0, 440, 8) for y in range(0, 440, 8)
+                 if all(not (o.box[0] - 8 < x < o.box[2] and o.box[1] - 8 < y < o.box[3]) for o in s.objects))
+    assert answer_outcome(s, (*empty, empty[0] + 8, empty[1] + 8)) == "no object"
+    assert len(set(OUTCOMES)) == 6
+
+
+def test_attribute_probes_read_each_object_s_own_tokens(shipped):
+    """The shipped vision tower encodes shape and colour: fresh linear probes on each object's mean output
+    token read both far above chance, while its patch embeddings (no attention yet) hardly carry shape. A
+    probe fed the wrong tokens (a misaligned grid or patch order) would fall to chance."""
+    from ivcprune.toy.evaluate import attribute_probes
+
+    model, processor = shipped
+    probes = attribute_probes(model, processor, list(synth.make_split(0, "test", 48)))
+    assert probes["objects"]["fit"] > 100 and probes["objects"]["scored"] > 25
+    assert probes["shape"]["vision tower output"] > 0.8 and probes["colour"]["vision tower output"] > 0.9
+    assert probes["colour"]["patch embedding"] > 0.6 > probes["shape"]["patch embedding"]
+    assert probes["shape"]["chance"] < 0.5
+    with pytest.raises(ValueError, match="no objects"):
+        attribute_probes(model, processor, [synth.make_sample(0, "test", 0)])
+
+
 def test_idle_core_timing_from_per_step_rates():
     log = {"recipe": {"vision_steps": 600}, "steps": 12000, "train_seconds": 16000.0,
            "idle_timing": {"vision_s_per_step": 0.8, "s_per_step": 0.9, "from_step": 8250, "to_step": 12000,
@@ -117,3 +155,28 @@ def test_idle_core_timing_from_per_step_rates():
     assert idle_hours(log) == pytest.approx((600 * 0.8 + 12000 * 0.9) / 3600)
     assert "3.1 h" in timing_note(log) and "8250-12000 at 0.90 s per step" in timing_note(log)
     assert idle_hours({"recipe": {}, "steps": 1}) is None and timing_note({"recipe": {}}) == ""
+
+
+def test_diagnose_script_tallies_every_answer(tmp_path):
+    """scripts/diagnose_toy.py end to end on a few samples: every answer is tallied once in its kind's row,
+    once in its rank's row (ordinals) and once in "all"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "diag.json"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "diagnose_toy.py"), "--n", "16",
+                           "--probe-images", "12", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| all | 16 |" in proc.stdout and "| shape |" in proc.stdout
+    d = json.loads(out.read_text())
+    outcomes = d["outcomes"]
+    kinds = [k for k in synth.KIND_WEIGHTS if k in outcomes]
+    assert sum(outcomes["all"].values()) == 16 == sum(sum(outcomes[k].values()) for k in kinds)
+    ranks = [k for k in outcomes if k.startswith("ordinal:")]
+    assert sum(sum(outcomes[k].values()) for k in ranks) == sum(outcomes.get("ordinal", {}).values())
+    samples = list(synth.make_split(0, "test", 16))
+    assert {k: sum(outcomes[k].values()) for k in kinds} == {k: sum(s.kind == k for s in samples) for k in kinds}
+    assert outcomes["all"].get("right", 0) == sum(outcomes[k].get("right", 0) for k in kinds)

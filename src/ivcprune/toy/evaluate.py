@@ -98,3 +98,98 @@ def target_hit_rates(model, processor, samples, *, top: float = 0.2, layer: int 
             acc["chance_recall"] += span.kept / span.length
         n += 1
     return {name: {k: v / max(1, n) for k, v in acc.items()} for name, acc in sums.items()}
+
+
+# -- what the answers get wrong, and what the vision tower encodes ------------------------------
+OUTCOMES = ("right", "target, IoU < 0.5", "other object, same shape", "other object, other shape", "no object",
+            "unparsed")
+
+
+def answer_outcome(sample, box) -> str:
+    """What a predicted ``box`` (original pixels, or ``None`` when unparsed) picked in a synthetic sample:
+    the target (IoU >= 0.5), else the object it overlaps most (by IoU): the target all the same (a box too
+    imprecise), another object of the target's shape, or of another shape; no object when it overlaps none."""
+    from ..boxes import iou
+
+    if box is None:
+        return "unparsed"
+    if iou(box, sample.box) >= 0.5:
+        return "right"
+    best = max(sample.objects, key=lambda o: iou(box, o.box))
+    if iou(box, best.box) == 0:
+        return "no object"
+    if best.box == sample.box:
+        return "target, IoU < 0.5"
+    target = next(o for o in sample.objects if o.box == sample.box)
+    return "other object, " + ("same shape" if best.shape == target.shape else "other shape")
+
+
+@torch.no_grad()
+def attribute_probes(model, processor, samples, *, train_share: float = 0.75, steps: int = 500,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Whether the vision tower encodes each object's shape and colour: linear probes fitted afresh on the
+    objects of the first ``train_share`` of ``samples`` and scored on the rest (held-out accuracy).
+
+    Features per object: the mean of the merged visual tokens it covers (the tower's output, what the
+    language model reads), and the same mean over its patch embeddings (the tower's input layer, before any
+    attention: a baseline). Also the chance level (the held-out share of the most frequent class). The
+    features are a Qwen2.5-VL tower's (patch embedding, then 2 x 2 merged tokens of a 16 x 16 grid)."""
+    from ..evals import synth
+    from .train import GRID, object_cells
+
+    visual = model.model.visual
+    captured = {}
+    hook = visual.patch_embed.register_forward_hook(lambda m, a, o: captured.__setitem__("patches", o))
+    feats: dict[str, list[torch.Tensor]] = {"vision tower output": [], "patch embedding": []}
+    labels: dict[str, list[int]] = {"shape": [], "colour": []}
+    object_image = []
+    try:
+        for k, s in enumerate(samples):
+            pix = processor.image_processor(images=[s.image], return_tensors="pt")
+            if tuple(pix["image_grid_thw"][0].tolist()) != (1, 2 * GRID, 2 * GRID):
+                raise ValueError(f"{s.id}: expected a {2 * GRID} x {2 * GRID} patch grid, got "
+                                 f"{pix['image_grid_thw'][0].tolist()}")
+            device = next(visual.parameters()).device
+            out = visual(pix["pixel_values"].to(device, model.dtype),
+                         grid_thw=pix["image_grid_thw"].to(device)).pooler_output
+            # patches come in 2 x 2 groups, one per merged token, in the merged tokens' raster order
+            patches = captured.pop("patches").reshape(GRID * GRID, 4, -1).mean(1)
+            covered = object_cells(s)
+            for o in s.objects:
+                cells = covered[o.box].to(device)
+                feats["vision tower output"].append(out[cells].float().mean(0).cpu())
+                feats["patch embedding"].append(patches[cells].float().mean(0).cpu())
+                labels["shape"].append(synth.SHAPES.index(o.shape))
+                labels["colour"].append(list(synth.COLORS).index(o.color))
+                object_image.append(k)
+    finally:
+        hook.remove()
+    n_train = sum(k < int(train_share * len(samples)) for k in object_image)  # split by image, not by object
+    if n_train == 0 or n_train == len(object_image):
+        raise ValueError(f"{len(samples)} samples leave no objects to fit or to score the probes on")
+    result: dict[str, dict[str, float]] = {}
+    gen = torch.Generator().manual_seed(seed)
+    for attr, ys in labels.items():
+        y = torch.tensor(ys)
+        classes = len(synth.SHAPES) if attr == "shape" else len(synth.COLORS)
+        held = y[n_train:]
+        row = {"chance": float(torch.bincount(held, minlength=classes).max()) / len(held)}
+        for name, fs in feats.items():
+            x = torch.stack(fs)
+            mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-5
+            x = (x - mu) / sd
+            probe = torch.nn.Linear(x.shape[1], classes)
+            with torch.no_grad():
+                probe.weight.normal_(0, 0.01, generator=gen)
+                probe.bias.zero_()
+            opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    loss = torch.nn.functional.cross_entropy(probe(x[:n_train]), y[:n_train])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            row[name] = float((probe(x[n_train:]).argmax(-1) == held).float().mean())
+        result[attr] = row
+    result["objects"] = {"fit": n_train, "scored": len(object_image) - n_train}
+    return result

@@ -1,0 +1,98 @@
+"""What the embedded grounding model gets wrong, unpruned, and whether its vision tower sees what it needs.
+
+    python scripts/diagnose_toy.py [--model DIR] [--n 1000] [--seed 0] [--probe-images 400] [--json FILE]
+
+1. Answers the first ``--n`` samples of the synthetic test split (generator ``--seed``) in batches of 8, and
+   sorts each answer by what its box picked (``ivcprune.toy.evaluate.answer_outcome``): the target, another
+   object of the target's shape, an object of another shape, no object, or nothing parseable; by expression
+   kind, and the ordinal expressions by the rank they ask for.
+2. Fits linear probes of each object's shape and colour on the vision tower's output and, as a baseline, on
+   its patch embeddings (``ivcprune.toy.evaluate.attribute_probes``), on the first ``--probe-images`` images
+   of the same split (three quarters to fit, the rest scored).
+
+Prints markdown tables; ``--json`` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ivcprune.evals import synth
+    from ivcprune.evals.benchmarks import Sample
+    from ivcprune.evals.tasks import predict_samples
+    from ivcprune.families import family_class
+    from ivcprune.models import load_model, resolve_model_spec
+    from ivcprune.toy.evaluate import OUTCOMES, answer_outcome, attribute_probes
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy", help="model folder (default: the embedded model)")
+    ap.add_argument("--n", type=int, default=1000, help="test samples to answer")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed of the test split")
+    ap.add_argument("--probe-images", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.probe_images < 4:
+        ap.error("--n must be >= 1 and --probe-images >= 4")
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(resolve_model_spec(args.model))
+    model.eval()
+    if model.config.model_type != "qwen2_5_vl":
+        ap.error(f"the diagnosis reads a Qwen2.5-VL vision tower; {args.model} is {model.config.model_type}")
+    style = model.config.model_type
+    prompt = family_class(style).grounding_prompt
+
+    samples = list(synth.make_split(args.seed, "test", args.n))
+    outcome: dict[str, Counter] = {}
+    with torch.no_grad():
+        for first in tqdm(range(0, len(samples), args.batch_size), desc="answers", unit="batch"):
+            chunk = samples[first:first + args.batch_size]
+            batch = [Sample(id=s.id, task="grounding", images=[s.image], question=s.ref,
+                            answer=tuple(float(v) for v in s.box), meta={"kind": s.kind}) for s in chunk]
+            records = predict_samples(model, processor, batch, None, family=style, max_new_tokens=64,
+                                      prompt_template=prompt)
+            for s, rec in zip(chunk, records, strict=True):
+                got = answer_outcome(s, rec["box"])
+                rows = [s.kind] + ([f"ordinal: {s.ref.split()[1]} ..."] if s.kind == "ordinal" else [])
+                for row in rows + ["all"]:
+                    outcome.setdefault(row, Counter())[got] += 1
+    order = [k for k in synth.KIND_WEIGHTS if k in outcome]
+    order += sorted((k for k in outcome if k.startswith("ordinal:")),
+                    key=lambda k: synth.ORDINALS.index(k.split()[1])) + ["all"]
+    print(f"\nAnswers, unpruned: the first {args.n} samples of the test split (seed {args.seed}); % of each row\n")
+    print("| expression | n | " + " | ".join(OUTCOMES) + " |")
+    print("|---|---" + "|---" * len(OUTCOMES) + "|")
+    for row in order:
+        c = outcome[row]
+        n = sum(c.values())
+        print(f"| {row} | {n} | " + " | ".join(f"{100 * c[o] / n:.1f}" for o in OUTCOMES) + " |")
+
+    probe_samples = samples[:args.probe_images] if args.probe_images <= len(samples) else \
+        list(synth.make_split(args.seed, "test", args.probe_images))
+    probes = attribute_probes(model, processor, probe_samples)
+    objects = probes["objects"]
+    print(f"\nLinear probes, held-out accuracy (%; {objects['fit']} objects fitted, {objects['scored']} scored, "
+          f"first {len(probe_samples)} test images)\n")
+    print("| attribute | vision tower output | patch embedding | chance (most frequent class) |")
+    print("|---|---|---|---|")
+    for attr in ("shape", "colour"):
+        p = probes[attr]
+        print(f"| {attr} | {100 * p['vision tower output']:.1f} | {100 * p['patch embedding']:.1f} | "
+              f"{100 * p['chance']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "n": args.n, "seed": args.seed,
+                       "outcomes": {k: dict(v) for k, v in outcome.items()}, "probes": probes}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,7 +99,7 @@ def test_train_toy_runs_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     summary = toy.train(tmp_path / "ck", _tiny_recipe(), log=lambda m: None)
-    assert summary["steps"] == 4 and summary["images"] == 8
+    assert summary["steps"] == 4 and summary["images"] == 8 and summary["device"] == "cpu"
     log = json.loads((tmp_path / "ck" / "training_log.json").read_text())
     assert log["recipe"]["steps"] == 4 and log["history"][-1]["step"] == 4
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ck")
@@ -107,6 +107,17 @@ def test_train_toy_runs_and_saves_a_loadable_checkpoint(tmp_path):
     assert model.config.model_type == "qwen2_5_vl" and model.config._attn_implementation == "sdpa"
     assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not any("aux" in k or "coord" in k for k in model.state_dict())
+
+
+def test_train_toy_refuses_an_accelerator_torch_cannot_see(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from ivcprune.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="device 'cuda'.*no CUDA device"):
+        main(["train-toy", "--out", str(tmp_path / "ck"), "--device", "cuda", "--steps", "1"])
+    assert not (tmp_path / "ck" / "checkpoint.pt").exists()
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -580,7 +580,8 @@ def cmd_train_toy(args) -> int:
     recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe) if getattr(args, f.name, None)
                           is not None})
     try:
-        summary = train(args.out, recipe, log=lambda m: print(m, flush=True), resume=not args.no_resume)
+        summary = train(args.out, recipe, log=lambda m: print(m, flush=True), resume=not args.no_resume,
+                        device=args.device)
     except ValueError as e:
         raise SystemExit(f"ivcprune: error: {e}") from None
     last = summary["history"][-1]
@@ -761,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--eval-samples", type=int, default=None)
+    t.add_argument("--device", default="cpu", help="cpu (the reference: the shipped model is a CPU run) or an "
+                                                   "accelerator such as cuda; a checkpoint resumes on either")
     t.set_defaults(func=cmd_train_toy)
 
     v = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with pruning and micro-batching "

@@ -403,7 +403,7 @@ class AuxHeads(torch.nn.Module):
 
     def loss(self, feats: torch.Tensor, samples) -> tuple[torch.Tensor, dict[str, float]]:
         t = [cell_targets(s) for s in samples]
-        color, shape, box, has, pos = (torch.cat([x[i] for x in t]) for i in range(5))
+        color, shape, box, has, pos = (torch.cat([x[i] for x in t]).to(feats.device) for i in range(5))
         f = torch.nn.functional
         lc = f.cross_entropy(self.color(feats), color)
         ls = f.cross_entropy(self.shape(feats), shape)
@@ -436,6 +436,7 @@ def quick_accuracy(model, processor, n: int, seed: int, split: str = "val") -> d
     for i in range(n):
         s = synth.make_sample(seed, split, i)
         inputs, _ = build_inputs(processor, user_message(s.question, [s.image]))
+        inputs = inputs.to(model.device)
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
         text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         box = parse_qwen25_box(text)
@@ -472,15 +473,23 @@ def stage_batch(r: ToyRecipe, step: int) -> tuple[list[synth.Sample], list[list[
     return samples, turns
 
 
-def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resume: bool = True) -> dict:
+def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resume: bool = True,
+          device: str = "cpu") -> dict:
     """Train the toy model from scratch; writes the checkpoint, processor and training log to ``out_dir``.
 
     A resumable checkpoint (``checkpoint.pt``: weights, optimiser, probes, progress) is written every
     ``checkpoint_every`` steps; with ``resume`` an interrupted run continues from it and ends where the
-    uninterrupted run would have (the data of every step is a function of the step)."""
+    uninterrupted run would have (the data of every step is a function of the step).
+
+    ``device`` (e.g. ``"cuda"``) runs the same recipe on an accelerator: the data, schedule and checkpoints
+    are the same, the arithmetic is not bit-identical to the CPU's, so the shipped model is the CPU run's
+    (the recipe's reference); a run may move between devices through its checkpoint."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     r = recipe or ToyRecipe()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA device here; train on cpu (the reference)")
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
     out = Path(out_dir)
@@ -491,10 +500,11 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
     cfg._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     init_number_embeddings(model, tok)
-    number_ids = torch.tensor(number_token_ids(tok))
+    model.to(dev)
+    number_ids = torch.tensor(number_token_ids(tok), device=dev)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    heads = AuxHeads(cfg.text_config.hidden_size)
+    heads = AuxHeads(cfg.text_config.hidden_size).to(dev)
     visual = model.model.visual
     vopt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=r.vision_lr, betas=(0.9, 0.98),
                              weight_decay=r.weight_decay)
@@ -508,7 +518,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
     st = {"vision_step": 0, "step": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "ema": None, "history": []}
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=False, map_location=dev)
         diff = sorted(k for k, v in asdict(r).items() if saved["recipe"].get(k) != v and k not in OPERATIONAL)
         if diff:
             raise ValueError(f"{ckpt} belongs to a run with another recipe (differs in {', '.join(diff)}); "
@@ -547,7 +557,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
         first = vision_index + vstep * r.vision_batch_size
         samples = [synth.make_sample(r.data_seed, "train", first + i) for i in range(r.vision_batch_size)]
         pix = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")
-        feats = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+        feats = visual(pix["pixel_values"].to(dev), grid_thw=pix["image_grid_thw"].to(dev)).pooler_output
         loss, parts = heads.loss(feats, samples)
         vopt.zero_grad(set_to_none=True)
         loss.backward()
@@ -571,7 +581,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
         for g in opt.param_groups:
             g["lr"] = lr
         samples, turns = stage_batch(r, step)
-        batch = encode_training_batch(processor, samples, turns)
+        batch = encode_training_batch(processor, samples, turns).to(dev)
         anchor, target, attrs = batch.pop("box_anchor"), batch.pop("box_target"), batch.pop("box_attrs")
         res = model(**batch, output_hidden_states=True)
         lm_loss = res.loss
@@ -613,11 +623,11 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
     model.generation_config.eos_token_id = cfg.eos_token_id
     model.generation_config.pad_token_id = cfg.pad_token_id
     model.generation_config.do_sample = False
-    model.save_pretrained(out)
+    model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"recipe": asdict(r), "parameters": n_params, "steps": st["step"], "images": st["step"] * r.batch_size,
                "vision_images": st["vision_step"] * r.vision_batch_size,
                "train_seconds": round(st["train_seconds"], 1), "eval_seconds": round(st["eval_seconds"], 1),
-               "stopped_early": stopped_early, "history": history}
+               "stopped_early": stopped_early, "device": dev.type, "history": history}
     (out / "training_log.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -76,6 +76,31 @@ def test_step_data_is_a_function_of_the_step():
     assert toy.stage_batch(r, 8)[1] != a[1]
 
 
+def test_confusers_add_same_colour_objects_of_other_shapes_to_training_scenes_only():
+    def hard_share(confusers):  # attribute targets with an object of their colour and another shape beside them
+        samples = [synth.make_sample(0, "train", 10**6 + i, render_image=False, confusers=confusers)
+                   for i in range(300)]
+        attr = [s for s in samples if s.kind == "attribute"]
+        return sum(any(o.color == s.target.color and o.shape != s.target.shape for o in s.objects)
+                   for s in attr) / len(attr)
+
+    plain, hard = hard_share(0.0), hard_share(0.5)
+    assert 0.2 < plain < 0.5 and hard > plain + 0.25
+    # at 0 the draws are the default stream's, so the benchmark splits and older recipes are unchanged
+    for i in range(20):
+        a, b = synth.make_sample(0, "test", i, render_image=False), synth.make_sample(0, "test", i, render_image=False,
+                                                                                      confusers=0.0)
+        assert (a.ref, a.box, a.objects) == (b.ref, b.box, b.objects)
+    # the recipe's field reaches stage 2's scenes: at 1, an attribute scene (no twins) is all one colour
+    r = toy.ToyRecipe(batch_size=8, align_steps=0, confusers=1.0)
+    scenes = [s for step in range(6) for s in toy.stage_batch(r, step)[0] if s.kind == "attribute"]
+    assert len(scenes) >= 5 and all(len({o.color for o in s.objects}) == 1 for s in scenes)
+    assert any(len({o.color for o in s.objects}) > 1 for step in range(6)
+               for s in toy.stage_batch(toy.ToyRecipe(batch_size=8, align_steps=0), step)[0] if s.kind == "attribute")
+    with pytest.raises(ValueError, match="confusers"):
+        synth.make_sample(0, "train", 0, confusers=1.5)
+
+
 def test_cell_targets_follow_the_objects():
     s = synth.make_sample(0, "val", 1)
     color, shape, box, has, pos = toy.cell_targets(s)

@@ -234,12 +234,18 @@ def _expressions(objs: list[Obj], t: Obj) -> dict[str, str]:
 KIND_WEIGHTS = {"attribute": 0.35, "size": 0.15, "relation": 0.25, "ordinal": 0.25}
 
 
-def make_sample(seed: int, split: str, index: int, render_image: bool = True) -> Sample:
+def make_sample(seed: int, split: str, index: int, render_image: bool = True, confusers: float = 0.0) -> Sample:
     """Sample ``index`` of ``split`` (``train`` / ``val`` / ``test``) for generator seed ``seed``.
 
-    ``render_image=False`` skips drawing (``image`` is ``None``) when only the text is needed."""
+    ``render_image=False`` skips drawing (``image`` is ``None``) when only the text is needed.
+    ``confusers`` (training data only; the benchmark splits use 0): the probability that an object that is
+    not a twin takes the colour of an object already placed, with another shape, so that a model has to
+    read shapes, not colours alone, to tell the objects apart (hard negatives). At 0 the stream of random
+    draws is the default's, sample for sample."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if not 0.0 <= confusers <= 1.0:
+        raise ValueError(f"confusers must be in [0, 1], got {confusers!r}")
     rng = _rng(seed, split, index)
     want = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     for _attempt in range(50):
@@ -251,6 +257,10 @@ def make_sample(seed: int, split: str, index: int, render_image: bool = True) ->
                 shape = src.shape
                 color = src.color if want != "ordinal" or rng.random() < 0.5 else rng.choice(list(COLORS))
                 size = rng.choice(list(SIZES)) if want == "size" else src.size
+            elif confusers and objs and rng.random() < confusers:
+                src = rng.choice(objs)
+                shape = rng.choice([s for s in SHAPES if s != src.shape])
+                color, size = src.color, rng.choice(list(SIZES))
             else:
                 shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))
             side = rng.randint(*SIZES[size])

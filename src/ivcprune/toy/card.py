@@ -50,6 +50,8 @@ def recipe_lines(r: dict, log: dict) -> list[str]:
         f"- stage 2b, instructions: {max(0, log['steps'] - align)} steps of {r['batch_size']} images, 1-"
         f"{r['queries_per_image']} referring expressions per image as a multi-turn chat, the object list replayed "
         f"first on {100 * r['list_share']:.0f}% of the images",
+        *([f"- stage 2 scenes with hard negatives: each object that is not a twin takes the colour of one already "
+           f"placed, with another shape, with probability {r['confusers']}"] if r.get("confusers") else []),
         f"- {log['images']} chat images in all; no loss looks at any pruning method's scores or at attention",
         opt,
     ]

@@ -49,6 +49,9 @@ class ToyRecipe:
     align_steps: int = 1500
     list_share: float = 0.3
     regions_per_image: int = 1
+    # hard negatives in every stage-2 image: the chance that a non-twin object copies the colour of one already
+    # placed, with another shape (`synth.make_sample(confusers=...)`)
+    confusers: float = 0.0
     # a fixed number of steps (reproducible); `minutes` is only a safety stop for the whole run
     steps: int = 12000
     minutes: float = 235.0
@@ -464,7 +467,8 @@ def stage_batch(r: ToyRecipe, step: int) -> tuple[list[synth.Sample], list[list[
     """The images and chats of stage-2 step ``step``: alignment turns for the first ``align_steps`` steps,
     then referring expressions (with the object list replayed on ``list_share`` of the images)."""
     rng = _step_rng(r, "chat", step)
-    samples = [synth.make_sample(r.data_seed, "train", step * r.batch_size + i) for i in range(r.batch_size)]
+    samples = [synth.make_sample(r.data_seed, "train", step * r.batch_size + i, confusers=r.confusers)
+               for i in range(r.batch_size)]
     if step < r.align_steps:
         turns = [alignment_turns(s, rng, r.regions_per_image) for s in samples]
     else:

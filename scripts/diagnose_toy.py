@@ -5,7 +5,9 @@
 1. Answers the first ``--n`` samples of the synthetic test split (generator ``--seed``) in batches of 8, and
    sorts each answer by what its box picked (``ivcprune.toy.evaluate.answer_outcome``): the target, another
    object of the target's shape, an object of another shape, no object, or nothing parseable; by expression
-   kind, and the ordinal expressions by the rank they ask for.
+   kind, and the ordinal expressions by the rank they ask for. For the answers whose box is on another
+   object, what their ``label`` names (``label_outcome``): the target (named right, boxed wrong), the boxed
+   object, another one or none in the scene, and whether the boxed object has the label's colour.
 2. Fits linear probes of each object's shape and colour on the vision tower's output and, as a baseline, on
    its patch embeddings (``ivcprune.toy.evaluate.attribute_probes``), on the first ``--probe-images`` images
    of the same split (three quarters to fit, the rest scored).
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from ivcprune.evals.tasks import predict_samples
     from ivcprune.families import family_class
     from ivcprune.models import load_model, resolve_model_spec
-    from ivcprune.toy.evaluate import OUTCOMES, answer_outcome, attribute_probes
+    from ivcprune.toy.evaluate import LABEL_OUTCOMES, OUTCOMES, answer_outcome, attribute_probes, label_outcome
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy", help="model folder (default: the embedded model)")
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = list(synth.make_split(args.seed, "test", args.n))
     outcome: dict[str, Counter] = {}
+    labels: dict[str, Counter] = {}  # wrong-object answers: outcome -> what the label names (+ colour matches)
     with torch.no_grad():
         for first in tqdm(range(0, len(samples), args.batch_size), desc="answers", unit="batch"):
             chunk = samples[first:first + args.batch_size]
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [s.kind] + ([f"ordinal: {s.ref.split()[1]} ..."] if s.kind == "ordinal" else [])
                 for row in rows + ["all"]:
                     outcome.setdefault(row, Counter())[got] += 1
+                if got.startswith("other object"):
+                    named, colour = label_outcome(s, rec["answer"], rec["box"])
+                    labels.setdefault(got, Counter())[named] += 1
+                    labels[got]["boxed object has the label's colour"] += bool(colour)
     order = [k for k in synth.KIND_WEIGHTS if k in outcome]
     order += sorted((k for k in outcome if k.startswith("ordinal:")),
                     key=lambda k: synth.ORDINALS.index(k.split()[1])) + ["all"]
@@ -74,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         c = outcome[row]
         n = sum(c.values())
         print(f"| {row} | {n} | " + " | ".join(f"{100 * c[o] / n:.1f}" for o in OUTCOMES) + " |")
+
+    if labels:
+        print("\nAnswers whose box is on another object: what their label names (% of each row; last column: the "
+              "boxed object has the colour the label names)\n")
+        cols = LABEL_OUTCOMES + ("boxed object has the label's colour",)
+        print("| box on | n | " + " | ".join(cols) + " |")
+        print("|---|---" + "|---" * len(cols) + "|")
+        for row in (o for o in OUTCOMES if o in labels):
+            c = labels[row]
+            n = sum(c[k] for k in LABEL_OUTCOMES)
+            print(f"| {row} | {n} | " + " | ".join(f"{100 * c[k] / n:.1f}" for k in cols) + " |")
 
     probe_samples = samples[:args.probe_images] if args.probe_images <= len(samples) else \
         list(synth.make_split(args.seed, "test", args.probe_images))
@@ -90,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "n": args.n, "seed": args.seed,
-                       "outcomes": {k: dict(v) for k, v in outcome.items()}, "probes": probes}, f, indent=2)
+                       "outcomes": {k: dict(v) for k, v in outcome.items()},
+                       "labels": {k: dict(v) for k, v in labels.items()}, "probes": probes}, f, indent=2)
     return 0
 
 

@@ -132,6 +132,32 @@ def test_answer_outcomes_name_what_a_box_picked():
     assert len(set(OUTCOMES)) == 6
 
 
+def test_label_outcomes_say_whether_the_name_or_the_box_went_wrong():
+    from ivcprune.evals.synth import Obj, Sample, format_answer
+    from ivcprune.toy.evaluate import answer_label, label_outcome
+
+    def obj(shape, color, x):
+        return Obj(shape, color, "large", (x, 100, x + 100, 200))
+
+    red_tri, red_sq, blue_tri, red_tri2 = (obj("triangle", "red", 10), obj("square", "red", 120),
+                                           obj("triangle", "blue", 230), obj("triangle", "red", 340))
+    s = Sample("t", None, "the first triangle from the left", "ordinal", red_tri.box,
+               [red_tri, red_sq, blue_tri, red_tri2])
+    ans = format_answer  # label first, as the model answers
+    assert answer_label(ans(red_sq.box, "red triangle")) == "red triangle"
+    assert answer_label('{"label": "red tri') is None and answer_label("") is None
+    # named the target, boxed a red square: the box followed the colour, not the shape
+    assert label_outcome(s, ans(red_sq.box, "red triangle"), red_sq.box) == ("the target", True)
+    # named the target's label, boxed its twin
+    assert label_outcome(s, ans(red_tri2.box, "red triangle"), red_tri2.box) == (
+        "the target and the boxed object (twins)", True)
+    assert label_outcome(s, ans(blue_tri.box, "blue triangle"), blue_tri.box) == ("the boxed object", True)
+    assert label_outcome(s, ans(red_sq.box, "blue triangle"), red_sq.box) == ("another object", False)
+    # a name that fits nothing in the scene; the boxed object has its colour
+    assert label_outcome(s, ans(red_sq.box, "red star"), red_sq.box) == ("no object in the scene", True)
+    assert label_outcome(s, '{"bbox_2d": [120, 100, 220, 200]}', red_sq.box) == ("no label", None)
+
+
 def test_attribute_probes_read_each_object_s_own_tokens(shipped):
     """The shipped vision tower encodes shape and colour: fresh linear probes on each object's mean output
     token read both far above chance, while its patch embeddings (no attention yet) hardly carry shape. A

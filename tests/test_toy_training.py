@@ -134,7 +134,7 @@ def test_train_toy_runs_and_saves_a_loadable_checkpoint(tmp_path):
     assert not any("aux" in k or "coord" in k for k in model.state_dict())
 
 
-def test_train_toy_refuses_an_accelerator_torch_cannot_see(tmp_path, monkeypatch, capsys):
+def test_train_toy_refuses_an_unseen_accelerator_and_bad_confusers_before_training(tmp_path, monkeypatch, capsys):
     import torch
 
     from ivcprune.cli import main
@@ -142,6 +142,8 @@ def test_train_toy_refuses_an_accelerator_torch_cannot_see(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="device 'cuda'.*no CUDA device"):
         main(["train-toy", "--out", str(tmp_path / "ck"), "--device", "cuda", "--steps", "1"])
+    with pytest.raises(SystemExit, match=r"confusers must be in \[0, 1\]"):
+        main(["train-toy", "--out", str(tmp_path / "ck"), "--confusers", "2", "--steps", "1"])
     assert not (tmp_path / "ck" / "checkpoint.pt").exists()
 
 

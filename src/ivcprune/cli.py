@@ -756,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--align-steps", type=int, default=None, help="alignment steps (object lists, region captions) "
                                                                   "before the instruction steps")
+    t.add_argument("--confusers", type=float, default=None,
+                   help="hard negatives in stage-2 scenes: chance that an object copies a placed one's colour with "
+                        "another shape (0-1)")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)

@@ -124,6 +124,40 @@ def answer_outcome(sample, box) -> str:
     return "other object, " + ("same shape" if best.shape == target.shape else "other shape")
 
 
+LABEL_OUTCOMES = ("the target", "the target and the boxed object (twins)", "the boxed object", "another object",
+                  "no object in the scene", "no label")
+
+
+def answer_label(answer: str) -> str | None:
+    """The ``label`` of a Qwen2.5-VL grounding answer (also from truncated or otherwise invalid JSON)."""
+    import re
+
+    m = re.search(r'"label"\s*:\s*"([^"]*)"', answer or "")
+    return m.group(1).strip() if m else None
+
+
+def label_outcome(sample, answer: str, box) -> tuple[str, bool | None]:
+    """What the ``label`` of an answer whose box landed on another object (``answer_outcome`` "other object,
+    ...") names, as one of :data:`LABEL_OUTCOMES`, and whether that object has the colour the label names
+    (``None`` when there is no label). "the target": the answer named the right object and then boxed
+    another one (the box was not found from the name)."""
+    from ..boxes import iou
+
+    label = answer_label(answer)
+    boxed = max(sample.objects, key=lambda o: iou(box, o.box))
+    target = next(o for o in sample.objects if o.box == sample.box)
+    if label is None:
+        return "no label", None
+    same_colour = boxed.color == label.split()[0] if label else False
+    if label == target.label:
+        return ("the target and the boxed object (twins)" if boxed.label == label else "the target"), same_colour
+    if label == boxed.label:
+        return "the boxed object", same_colour
+    if any(o.label == label for o in sample.objects):
+        return "another object", same_colour
+    return "no object in the scene", same_colour
+
+
 @torch.no_grad()
 def attribute_probes(model, processor, samples, *, train_share: float = 0.75, steps: int = 500,
                      seed: int = 0) -> dict[str, dict[str, float]]:

@@ -234,6 +234,11 @@ def _expressions(objs: list[Obj], t: Obj) -> dict[str, str]:
 KIND_WEIGHTS = {"attribute": 0.35, "size": 0.15, "relation": 0.25, "ordinal": 0.25}
 
 
+def check_confusers(confusers: float) -> None:
+    if not 0.0 <= confusers <= 1.0:
+        raise ValueError(f"confusers must be in [0, 1], got {confusers!r}")
+
+
 def make_sample(seed: int, split: str, index: int, render_image: bool = True, confusers: float = 0.0) -> Sample:
     """Sample ``index`` of ``split`` (``train`` / ``val`` / ``test``) for generator seed ``seed``.
 
@@ -244,8 +249,7 @@ def make_sample(seed: int, split: str, index: int, render_image: bool = True, co
     draws is the default's, sample for sample."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    if not 0.0 <= confusers <= 1.0:
-        raise ValueError(f"confusers must be in [0, 1], got {confusers!r}")
+    check_confusers(confusers)
     rng = _rng(seed, split, index)
     want = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     for _attempt in range(50):

@@ -494,8 +494,7 @@ def train(out_dir: str | Path, recipe: ToyRecipe | None = None, log=print, resum
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: torch sees no CUDA device here; train on cpu (the reference)")
-    if not 0.0 <= r.confusers <= 1.0:  # fails now, not after the vision stage
-        raise ValueError(f"confusers must be in [0, 1], got {r.confusers!r}")
+    synth.check_confusers(r.confusers)  # fails now, not after the vision stage
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
     out = Path(out_dir)

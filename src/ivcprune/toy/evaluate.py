@@ -105,6 +105,14 @@ OUTCOMES = ("right", "target, IoU < 0.5", "other object, same shape", "other obj
             "unparsed")
 
 
+def boxed_object(sample, box):
+    """The object of a synthetic sample that a box overlaps most (by IoU), and that IoU."""
+    from ..boxes import iou
+
+    best = max(sample.objects, key=lambda o: iou(box, o.box))
+    return best, iou(box, best.box)
+
+
 def answer_outcome(sample, box) -> str:
     """What a predicted ``box`` (original pixels, or ``None`` when unparsed) picked in a synthetic sample:
     the target (IoU >= 0.5), else the object it overlaps most (by IoU): the target all the same (a box too
@@ -115,13 +123,12 @@ def answer_outcome(sample, box) -> str:
         return "unparsed"
     if iou(box, sample.box) >= 0.5:
         return "right"
-    best = max(sample.objects, key=lambda o: iou(box, o.box))
-    if iou(box, best.box) == 0:
+    best, overlap = boxed_object(sample, box)
+    if overlap == 0:
         return "no object"
     if best.box == sample.box:
         return "target, IoU < 0.5"
-    target = next(o for o in sample.objects if o.box == sample.box)
-    return "other object, " + ("same shape" if best.shape == target.shape else "other shape")
+    return "other object, " + ("same shape" if best.shape == sample.target.shape else "other shape")
 
 
 LABEL_OUTCOMES = ("the target", "the target and the boxed object (twins)", "the boxed object", "another object",
@@ -141,15 +148,12 @@ def label_outcome(sample, answer: str, box) -> tuple[str, bool | None]:
     ...") names, as one of :data:`LABEL_OUTCOMES`, and whether that object has the colour the label names
     (``None`` when there is no label). "the target": the answer named the right object and then boxed
     another one (the box was not found from the name)."""
-    from ..boxes import iou
-
     label = answer_label(answer)
-    boxed = max(sample.objects, key=lambda o: iou(box, o.box))
-    target = next(o for o in sample.objects if o.box == sample.box)
     if label is None:
         return "no label", None
+    boxed = boxed_object(sample, box)[0]
     same_colour = boxed.color == label.split()[0] if label else False
-    if label == target.label:
+    if label == sample.target.label:
         return ("the target and the boxed object (twins)" if boxed.label == label else "the target"), same_colour
     if label == boxed.label:
         return "the boxed object", same_colour

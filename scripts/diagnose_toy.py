@@ -7,10 +7,15 @@
    object of the target's shape, an object of another shape, no object, or nothing parseable; by expression
    kind, and the ordinal expressions by the rank they ask for. For the answers whose box is on another
    object, what their ``label`` names (``label_outcome``): the target (named right, boxed wrong), the boxed
-   object, another one or none in the scene, and whether the boxed object has the label's colour.
+   object, another one or none in the scene, and whether the boxed object has the label's colour. For the
+   ordinal expressions, the share right against chance (one of the objects of the named shape picked at
+   random), by how many objects have that shape and by how far apart they are (``ordinal_setting``).
 2. Fits linear probes of each object's shape and colour on the vision tower's output and, as a baseline, on
    its patch embeddings (``ivcprune.toy.evaluate.attribute_probes``), on the first ``--probe-images`` images
    of the same split (three quarters to fit, the rest scored).
+3. Fits linear probes of each object token's column and row in the grid on the language model's hidden
+   states, layer by layer (``ivcprune.toy.evaluate.position_probes``), on the first ``--position-images``
+   images: whether the model knows where the objects are, which ordinal expressions need.
 
 Prints markdown tables; ``--json`` also writes the figures.
 """
@@ -31,19 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     from ivcprune.evals.tasks import predict_samples
     from ivcprune.families import family_class
     from ivcprune.models import load_model, resolve_model_spec
-    from ivcprune.toy.evaluate import LABEL_OUTCOMES, OUTCOMES, answer_outcome, attribute_probes, label_outcome
+    from ivcprune.toy.evaluate import (
+        LABEL_OUTCOMES,
+        OUTCOMES,
+        answer_outcome,
+        attribute_probes,
+        label_outcome,
+        ordinal_setting,
+        position_probes,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy", help="model folder (default: the embedded model)")
     ap.add_argument("--n", type=int, default=1000, help="test samples to answer")
     ap.add_argument("--seed", type=int, default=0, help="generator seed of the test split")
     ap.add_argument("--probe-images", type=int, default=400)
+    ap.add_argument("--position-images", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.probe_images < 4:
-        ap.error("--n must be >= 1 and --probe-images >= 4")
+    if args.n < 1 or args.probe_images < 4 or args.position_images < 4:
+        ap.error("--n must be >= 1, --probe-images and --position-images >= 4")
     torch.set_num_threads(args.threads)
     model, processor = load_model(resolve_model_spec(args.model))
     model.eval()
@@ -55,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = list(synth.make_split(args.seed, "test", args.n))
     outcome: dict[str, Counter] = {}
     labels: dict[str, Counter] = {}  # wrong-object answers: outcome -> what the label names (+ colour matches)
+    ordinals: list[dict] = []  # per ordinal expression: its setting and whether the answer was right
     with torch.no_grad():
         for first in tqdm(range(0, len(samples), args.batch_size), desc="answers", unit="batch"):
             chunk = samples[first:first + args.batch_size]
@@ -67,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [s.kind] + ([f"ordinal: {s.ref.split()[1]} ..."] if s.kind == "ordinal" else [])
                 for row in rows + ["all"]:
                     outcome.setdefault(row, Counter())[got] += 1
+                if s.kind == "ordinal":
+                    ordinals.append({**ordinal_setting(s), "right": got == "right"})
                 if got.startswith("other object"):
                     named, colour = label_outcome(s, rec["answer"], rec["box"])
                     labels.setdefault(got, Counter())[named] += 1
@@ -93,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
             n = sum(c[k] for k in LABEL_OUTCOMES)
             print(f"| {row} | {n} | " + " | ".join(f"{100 * c[k] / n:.1f}" for k in cols) + " |")
 
+    ordinal_rows = ordinal_table(ordinals)
+    if ordinal_rows:
+        print("\nOrdinal expressions: right against chance (one of the objects of the named shape picked at random); "
+              "% of each row\n")
+        print("| ordinals by | n | right | chance |")
+        print("|---|---|---|---|")
+        for row in ordinal_rows:
+            print(f"| {row['by']} | {row['n']} | {100 * row['right']:.1f} | {100 * row['chance']:.1f} |")
+
     probe_samples = samples[:args.probe_images] if args.probe_images <= len(samples) else \
         list(synth.make_split(args.seed, "test", args.probe_images))
     probes = attribute_probes(model, processor, probe_samples)
@@ -105,12 +131,48 @@ def main(argv: list[str] | None = None) -> int:
         p = probes[attr]
         print(f"| {attr} | {100 * p['vision tower output']:.1f} | {100 * p['patch embedding']:.1f} | "
               f"{100 * p['chance']:.1f} |")
+    position_samples = samples[:args.position_images] if args.position_images <= len(samples) else \
+        list(synth.make_split(args.seed, "test", args.position_images))
+    positions = position_probes(model, processor, position_samples)
+    tokens = positions["tokens"]
+    print(f"\nWhere an object's visual tokens are: linear probes of their grid column and row on the hidden states, "
+          f"held out ({tokens['fit']} tokens fitted, {tokens['scored']} scored, first {len(position_samples)} "
+          f"test images; chance R^2 0)\n")
+    print("| hidden states | column R^2 | column error (cells) | row R^2 | row error (cells) |")
+    print("|---|---|---|---|---|")
+    for entry in positions["layers"]:
+        name = "input (vision tower output)" if entry["layer"] == 0 else f"after layer {entry['layer']}"
+        c, r = entry["column"], entry["row"]
+        print(f"| {name} | {c['r2']:.3f} | {c['mae_cells']:.2f} | {r['r2']:.3f} | {r['mae_cells']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "n": args.n, "seed": args.seed,
                        "outcomes": {k: dict(v) for k, v in outcome.items()},
-                       "labels": {k: dict(v) for k, v in labels.items()}, "probes": probes}, f, indent=2)
+                       "labels": {k: dict(v) for k, v in labels.items()}, "ordinals": ordinal_rows,
+                       "probes": probes, "positions": positions}, f, indent=2)
     return 0
+
+
+GAP_BINS = ((0, 40), (40, 80), (80, 160), (160, None))  # px; the generator keeps ordinals 20 px apart or more
+
+
+def ordinal_table(ordinals: list[dict]) -> list[dict]:
+    """Rows of the ordinal table: by the number of objects of the named shape (5 or more together), then by
+    the smallest gap between them along the side's axis (px); per row: n, share right, and chance (the mean
+    of 1 / objects of the named shape)."""
+    groups: list[tuple[str, list[dict]]] = []
+    for n in sorted({min(o["same_shape"], 5) for o in ordinals}):
+        groups.append((f"{n}{' or more' if n == 5 else ''} objects of the named shape",
+                       [o for o in ordinals if min(o["same_shape"], 5) == n]))
+    for lo, hi in GAP_BINS:
+        rows = [o for o in ordinals if o["gap"] >= lo and (hi is None or o["gap"] < hi)]
+        if rows:
+            name = f"under {hi}" if not lo else f"{lo}-{hi}" if hi else f"{lo}+"
+            groups.append((f"centres {name} px apart", rows))
+    if ordinals:
+        groups.append(("all", ordinals))
+    return [{"by": name, "n": len(rows), "right": sum(o["right"] for o in rows) / len(rows),
+             "chance": sum(1 / o["same_shape"] for o in rows) / len(rows)} for name, rows in groups]
 
 
 if __name__ == "__main__":

@@ -158,6 +158,55 @@ def test_label_outcomes_say_whether_the_name_or_the_box_went_wrong():
     assert label_outcome(s, '{"bbox_2d": [120, 100, 220, 200]}', red_sq.box) == ("no label", None)
 
 
+def test_ordinal_setting_counts_the_named_shape_and_the_gap_along_the_side_s_axis():
+    from ivcprune.toy.evaluate import ordinal_setting
+
+    stars = [synth.Obj("star", "red", "small", (0, 200, 40, 240)),      # centre (20, 220)
+             synth.Obj("star", "blue", "small", (100, 20, 140, 60)),    # centre (120, 40)
+             synth.Obj("star", "red", "small", (130, 300, 170, 340))]   # centre (150, 320)
+    circle = synth.Obj("circle", "red", "small", (60, 100, 100, 140))   # centre (80, 120): not a star
+    objects = [*stars, circle]
+    left = synth.Sample("a", None, "the second star from the left", "ordinal", stars[1].box, objects)
+    assert ordinal_setting(left) == {"rank": 1, "side": "left", "same_shape": 3, "gap": 30.0}
+    # along the height: centres 40, 220, 320 (the circle's 120 does not count)
+    bottom = synth.Sample("b", None, "the first star from the bottom", "ordinal", stars[2].box, objects)
+    assert ordinal_setting(bottom) == {"rank": 0, "side": "bottom", "same_shape": 3, "gap": 100.0}
+    with pytest.raises(ValueError, match="not an ordinal"):
+        ordinal_setting(synth.Sample("c", None, "the blue star", "attribute", stars[1].box, objects))
+
+
+def test_heldout_linear_fit_scores_on_rows_it_did_not_fit():
+    import torch
+
+    from ivcprune.toy.evaluate import heldout_linear_fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    r2, mae = heldout_linear_fit(x, x @ torch.arange(8.0) + 3.0, 300)
+    assert r2 > 0.999 and mae < 0.1
+    r2, _ = heldout_linear_fit(x, torch.randn(400, generator=g), 300)  # nothing to find: about 0, not fitted noise
+    assert r2 < 0.05
+    with pytest.raises(ValueError, match="n_fit"):
+        heldout_linear_fit(x, x[:, 0], 400)
+
+
+def test_position_probes_find_where_the_shipped_model_s_object_tokens_are(shipped):
+    """The vision tower is trained to say where each token is; the probes read its column and row back from
+    the input embeddings of the language model and every layer's output. Tokens taken from the wrong
+    positions of the prompt (or cells in the wrong order) would leave nothing to read."""
+    from ivcprune.toy.evaluate import position_probes
+
+    model, processor = shipped
+    probes = position_probes(model, processor, list(synth.make_split(0, "test", 24)))
+    assert len(probes["layers"]) == model.config.text_config.num_hidden_layers + 1
+    assert probes["tokens"]["fit"] > 300 and probes["tokens"]["scored"] > 100
+    first = probes["layers"][0]
+    assert first["column"]["r2"] > 0.95 and first["row"]["r2"] > 0.95
+    assert first["column"]["mae_cells"] < 0.6 and first["row"]["mae_cells"] < 0.6
+    with pytest.raises(ValueError, match="no tokens"):
+        position_probes(model, processor, [synth.make_sample(0, "test", 0)])
+
+
 def test_attribute_probes_read_each_object_s_own_tokens(shipped):
     """The shipped vision tower encodes shape and colour: fresh linear probes on each object's mean output
     token read both far above chance, while its patch embeddings (no attention yet) hardly carry shape. A
@@ -193,7 +242,7 @@ def test_diagnose_script_tallies_every_answer(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "diag.json"
     proc = subprocess.run([sys.executable, str(root / "scripts" / "diagnose_toy.py"), "--n", "16",
-                           "--probe-images", "12", "--threads", "1", "--json", str(out)],
+                           "--probe-images", "12", "--position-images", "8", "--threads", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| all | 16 |" in proc.stdout and "| shape |" in proc.stdout
@@ -206,3 +255,12 @@ def test_diagnose_script_tallies_every_answer(tmp_path):
     samples = list(synth.make_split(0, "test", 16))
     assert {k: sum(outcomes[k].values()) for k in kinds} == {k: sum(s.kind == k for s in samples) for k in kinds}
     assert outcomes["all"].get("right", 0) == sum(outcomes[k].get("right", 0) for k in kinds)
+    # the ordinal table: by count of the named shape, then by gap; each grouping holds every ordinal once
+    n_ord = sum(s.kind == "ordinal" for s in samples)
+    rows = {r["by"]: r for r in d["ordinals"]}
+    assert n_ord and rows["all"]["n"] == n_ord
+    assert sum(r["n"] for k, r in rows.items() if "objects of the named shape" in k) == n_ord
+    assert sum(r["n"] for k, r in rows.items() if k.startswith("centres")) == n_ord
+    assert rows["all"]["right"] * n_ord == pytest.approx(outcomes["ordinal"].get("right", 0))
+    assert 0 < rows["all"]["chance"] <= 0.5
+    assert len(d["positions"]["layers"]) == 7 and "| after layer 6 |" in proc.stdout

@@ -231,3 +231,82 @@ def attribute_probes(model, processor, samples, *, train_share: float = 0.75, st
         result[attr] = row
     result["objects"] = {"fit": n_train, "scored": len(object_image) - n_train}
     return result
+
+
+def ordinal_setting(sample) -> dict[str, Any]:
+    """What an ordinal expression ("the second star from the left") asks of a synthetic sample: the ``rank``
+    (0 = first), the ``side``, ``same_shape`` (how many objects have the named shape: one of them picked at
+    random is right ``1 / same_shape`` of the time, the chance level of a model that reads the shape and not
+    the order) and ``gap`` (the smallest distance between those objects' centres along the side's axis, in
+    pixels: how clear the order is)."""
+    from ..evals import synth
+
+    if sample.kind != "ordinal":
+        raise ValueError(f"{sample.id} is a {sample.kind!r} expression, not an ordinal one")
+    words = sample.ref.split()
+    rank, shape, side = synth.ORDINALS.index(words[1]), words[2], words[-1]
+    axis, _direction = synth.SIDES[side]
+    keys = sorted(o.center[axis] for o in sample.objects if o.shape == shape)
+    return {"rank": rank, "side": side, "same_shape": len(keys),
+            "gap": min(b - a for a, b in zip(keys, keys[1:]))}
+
+
+def heldout_linear_fit(x: torch.Tensor, y: torch.Tensor, n_fit: int, ridge: float = 1.0) -> tuple[float, float]:
+    """A ridge regression of ``y`` on ``x`` (standardised on the first ``n_fit`` rows, with a bias), fitted on
+    those rows and scored on the rest: (R^2, mean absolute error) on the held-out rows."""
+    if not 0 < n_fit < len(x):
+        raise ValueError(f"n_fit must leave rows to fit and to score: {n_fit} of {len(x)}")
+    x, y = x.double(), y.double()
+    mu, sd = x[:n_fit].mean(0), x[:n_fit].std(0) + 1e-6
+    a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    fit = a[:n_fit]
+    w = torch.linalg.solve(fit.T @ fit + ridge * torch.eye(a.shape[1], dtype=x.dtype), fit.T @ y[:n_fit])
+    err = a[n_fit:] @ w - y[n_fit:]
+    held = y[n_fit:]
+    return float(1 - err.pow(2).mean() / held.var(unbiased=False).clamp_min(1e-12)), float(err.abs().mean())
+
+
+@torch.no_grad()
+def position_probes(model, processor, samples, *, train_share: float = 0.75) -> dict[str, Any]:
+    """Whether the language model's hidden states of an object's visual tokens say where each token is: a
+    linear (ridge) probe of the token's column and row in the 16 x 16 grid, fitted afresh on the tokens of
+    the objects in the first ``train_share`` of ``samples`` and scored on the rest, for the input embeddings
+    (``layer 0``: the vision tower's output) and the output of every decoder layer. Per layer: R^2 and the
+    mean absolute error in grid cells, for ``column`` and ``row``; also the token counts."""
+    from ..inputs import build_inputs, user_message
+    from .train import GRID, object_cells
+
+    image_token = model.config.image_token_id
+    layers: list[list[torch.Tensor]] = []
+    cols, rows, image_of = [], [], []
+    for k, s in enumerate(samples):
+        inputs, _ = build_inputs(processor, user_message(s.question, [s.image]))
+        inputs = {n: v.to(model.device) if hasattr(v, "to") else v for n, v in inputs.items()}
+        where = (inputs["input_ids"][0] == image_token).nonzero()[:, 0]
+        if len(where) != GRID * GRID:
+            raise ValueError(f"{s.id}: expected a {GRID} x {GRID} grid of visual tokens, got {len(where)}")
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        if not layers:
+            layers = [[] for _ in hidden]
+        cells = torch.cat(list(object_cells(s).values())).unique()
+        for store, h in zip(layers, hidden):
+            store.append(h[0, where[cells.to(where.device)]].float().cpu())
+        cols.append(cells % GRID)
+        rows.append(cells // GRID)
+        image_of.append(torch.full((len(cells),), k))
+    if not layers:
+        raise ValueError("no samples to probe")
+    image_of_t = torch.cat(image_of)
+    n_fit = int((image_of_t < int(train_share * len(samples))).sum())  # split by image, not by token
+    if n_fit == 0 or n_fit == len(image_of_t):
+        raise ValueError(f"{len(samples)} samples leave no tokens to fit or to score the probes on")
+    col, row = torch.cat(cols).float(), torch.cat(rows).float()
+    out: dict[str, Any] = {"tokens": {"fit": n_fit, "scored": len(image_of_t) - n_fit}, "layers": []}
+    for i, store in enumerate(layers):
+        x = torch.cat(store)
+        entry = {"layer": i}
+        for name, y in (("column", col), ("row", row)):
+            r2, mae = heldout_linear_fit(x, y, n_fit)
+            entry[name] = {"r2": r2, "mae_cells": mae}
+        out["layers"].append(entry)
+    return out

@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in ordinal_rows:
             print(f"| {row['by']} | {row['n']} | {100 * row['right']:.1f} | {100 * row['chance']:.1f} |")
 
-    probe_samples = samples[:args.probe_images] if args.probe_images <= len(samples) else \
-        list(synth.make_split(args.seed, "test", args.probe_images))
+    def first_images(n: int) -> list:  # the answered samples when they suffice, else the split's first n
+        return samples[:n] if n <= len(samples) else list(synth.make_split(args.seed, "test", n))
+
+    probe_samples = first_images(args.probe_images)
     probes = attribute_probes(model, processor, probe_samples)
     objects = probes["objects"]
     print(f"\nLinear probes, held-out accuracy (%; {objects['fit']} objects fitted, {objects['scored']} scored, "
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         p = probes[attr]
         print(f"| {attr} | {100 * p['vision tower output']:.1f} | {100 * p['patch embedding']:.1f} | "
               f"{100 * p['chance']:.1f} |")
-    position_samples = samples[:args.position_images] if args.position_images <= len(samples) else \
-        list(synth.make_split(args.seed, "test", args.position_images))
+    position_samples = first_images(args.position_images)
     positions = position_probes(model, processor, position_samples)
     tokens = positions["tokens"]
     print(f"\nWhere an object's visual tokens are: linear probes of their grid column and row on the hidden states, "

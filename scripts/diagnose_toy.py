@@ -1,6 +1,7 @@
 """What the embedded grounding model gets wrong, unpruned, and whether its vision tower sees what it needs.
 
-    python scripts/diagnose_toy.py [--model DIR] [--n 1000] [--seed 0] [--probe-images 400] [--json FILE]
+    python scripts/diagnose_toy.py [--model DIR] [--n 1000] [--seed 0] [--probe-images 400]
+                                   [--shape-images 400] [--position-images 200] [--json FILE]
 
 1. Answers the first ``--n`` samples of the synthetic test split (generator ``--seed``) in batches of 8, and
    sorts each answer by what its box picked (``ivcprune.toy.evaluate.answer_outcome``): the target, another
@@ -13,7 +14,12 @@
 2. Fits linear probes of each object's shape and colour on the vision tower's output and, as a baseline, on
    its patch embeddings (``ivcprune.toy.evaluate.attribute_probes``), on the first ``--probe-images`` images
    of the same split (three quarters to fit, the rest scored).
-3. Fits linear probes of each object token's column and row in the grid on the language model's hidden
+3. Asks, on the first ``--shape-images`` images, for the first object that is the only one of its shape, once
+   by its shape alone ("the star") and once by colour and shape ("the red star";
+   ``ivcprune.toy.evaluate.shape_references``): ordinal expressions name a shape and no colour, so this tells
+   whether the model can pick an object by its shape at all, and whether its answer's label names the
+   object's colour.
+4. Fits linear probes of each object token's column and row in the grid on the language model's hidden
    states, layer by layer (``ivcprune.toy.evaluate.position_probes``), on the first ``--position-images``
    images: whether the model knows where the objects are, which ordinal expressions need.
 
@@ -31,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from ivcprune.boxes import iou
     from ivcprune.evals import synth
     from ivcprune.evals.benchmarks import Sample
     from ivcprune.evals.tasks import predict_samples
@@ -39,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from ivcprune.toy.evaluate import (
         LABEL_OUTCOMES,
         OUTCOMES,
+        SHAPE_REFERENCES,
+        answer_label,
         answer_outcome,
         attribute_probes,
         label_outcome,
         ordinal_setting,
         position_probes,
+        shape_references,
     )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="test samples to answer")
     ap.add_argument("--seed", type=int, default=0, help="generator seed of the test split")
     ap.add_argument("--probe-images", type=int, default=400)
+    ap.add_argument("--shape-images", type=int, default=400)
     ap.add_argument("--position-images", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.probe_images < 4 or args.position_images < 4:
-        ap.error("--n must be >= 1, --probe-images and --position-images >= 4")
+    if args.n < 1 or args.shape_images < 1 or args.probe_images < 4 or args.position_images < 4:
+        ap.error("--n and --shape-images must be >= 1, --probe-images and --position-images >= 4")
     torch.set_num_threads(args.threads)
     model, processor = load_model(resolve_model_spec(args.model))
     model.eval()
@@ -67,16 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     prompt = family_class(style).grounding_prompt
 
     samples = list(synth.make_split(args.seed, "test", args.n))
+
+    def answer(questions: list[tuple]) -> list[dict]:  # (id, reference, image, box) -> the prediction records
+        batch = [Sample(id=i, task="grounding", images=[image], question=ref, answer=tuple(float(v) for v in box))
+                 for i, ref, image, box in questions]
+        return predict_samples(model, processor, batch, None, family=style, max_new_tokens=64, prompt_template=prompt)
+
     outcome: dict[str, Counter] = {}
     labels: dict[str, Counter] = {}  # wrong-object answers: outcome -> what the label names (+ colour matches)
     ordinals: list[dict] = []  # per ordinal expression: its setting and whether the answer was right
     with torch.no_grad():
         for first in tqdm(range(0, len(samples), args.batch_size), desc="answers", unit="batch"):
             chunk = samples[first:first + args.batch_size]
-            batch = [Sample(id=s.id, task="grounding", images=[s.image], question=s.ref,
-                            answer=tuple(float(v) for v in s.box), meta={"kind": s.kind}) for s in chunk]
-            records = predict_samples(model, processor, batch, None, family=style, max_new_tokens=64,
-                                      prompt_template=prompt)
+            records = answer([(s.id, s.ref, s.image, s.box) for s in chunk])
             for s, rec in zip(chunk, records, strict=True):
                 got = answer_outcome(s, rec["box"])
                 rows = [s.kind] + ([f"ordinal: {s.ref.split()[1]} ..."] if s.kind == "ordinal" else [])
@@ -122,6 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     def first_images(n: int) -> list:  # the answered samples when they suffice, else the split's first n
         return samples[:n] if n <= len(samples) else list(synth.make_split(args.seed, "test", n))
 
+    shape_rows = {name: Counter() for name in SHAPE_REFERENCES}
+    shape_samples = first_images(args.shape_images)
+    queries = [(s, *found) for s in shape_samples if (found := shape_references(s)) is not None]
+    with torch.no_grad():
+        for first in tqdm(range(0, len(queries), args.batch_size), desc="shape references", unit="batch"):
+            chunk = queries[first:first + args.batch_size]
+            for name in SHAPE_REFERENCES:
+                records = answer([(s.id, refs[name], s.image, obj.box) for s, obj, refs in chunk])
+                for (_s, obj, _refs), rec in zip(chunk, records, strict=True):
+                    label = (answer_label(rec["answer"]) or "").split()
+                    row = shape_rows[name]
+                    row["n"] += 1
+                    row["right"] += rec["box"] is not None and iou(rec["box"], obj.box) >= 0.5
+                    row["label names its colour"] += label[:1] == [obj.color]
+                    row["label names its shape"] += label[1:] == [obj.shape]
+    print(f"\nOne object by its shape alone and by colour and shape (the first object that is the only one of its "
+          f"shape, in {len(queries)} of the first {len(shape_samples)} test images); %\n")
+    cols = ("right", "label names its colour", "label names its shape")
+    print("| reference | n | " + " | ".join(cols) + " |")
+    print("|---|---" + "|---" * len(cols) + "|")
+    for name, row in shape_rows.items():
+        if row["n"]:
+            print(f"| {name} | {row['n']} | " + " | ".join(f"{100 * row[c] / row['n']:.1f}" for c in cols) + " |")
+
     probe_samples = first_images(args.probe_images)
     probes = attribute_probes(model, processor, probe_samples)
     objects = probes["objects"]
@@ -150,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"model": args.model, "n": args.n, "seed": args.seed,
                        "outcomes": {k: dict(v) for k, v in outcome.items()},
                        "labels": {k: dict(v) for k, v in labels.items()}, "ordinals": ordinal_rows,
+                       "shape_references": {k: dict(v) for k, v in shape_rows.items()},
                        "probes": probes, "positions": positions}, f, indent=2)
     return 0
 

@@ -175,6 +175,20 @@ def test_ordinal_setting_counts_the_named_shape_and_the_gap_along_the_side_s_axi
         ordinal_setting(synth.Sample("c", None, "the blue star", "attribute", stars[1].box, objects))
 
 
+def test_shape_references_name_the_first_object_alone_in_its_shape():
+    from ivcprune.toy.evaluate import SHAPE_REFERENCES, shape_references
+
+    stars = [synth.Obj("star", "red", "small", (0, 0, 40, 40)), synth.Obj("star", "blue", "small", (100, 0, 140, 40))]
+    circle = synth.Obj("circle", "red", "small", (0, 100, 40, 140))
+    square = synth.Obj("square", "green", "large", (200, 200, 300, 300))
+    s = synth.Sample("a", None, "the blue star", "attribute", stars[1].box, [*stars, circle, square])
+    obj, refs = shape_references(s)
+    # the stars are two, so the circle (the first object alone in its shape) is asked for, not the square
+    assert obj is circle and refs == {"shape only": "the circle", "colour and shape": "the red circle"}
+    assert list(refs) == list(SHAPE_REFERENCES)
+    assert shape_references(synth.Sample("b", None, "the blue star", "attribute", stars[1].box, stars)) is None
+
+
 def test_heldout_linear_fit_scores_on_rows_it_did_not_fit():
     import torch
 
@@ -242,7 +256,8 @@ def test_diagnose_script_tallies_every_answer(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "diag.json"
     proc = subprocess.run([sys.executable, str(root / "scripts" / "diagnose_toy.py"), "--n", "16",
-                           "--probe-images", "12", "--position-images", "8", "--threads", "1", "--json", str(out)],
+                           "--probe-images", "12", "--shape-images", "8", "--position-images", "8", "--threads", "1",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| all | 16 |" in proc.stdout and "| shape |" in proc.stdout
@@ -264,3 +279,11 @@ def test_diagnose_script_tallies_every_answer(tmp_path):
     assert rows["all"]["right"] * n_ord == pytest.approx(outcomes["ordinal"].get("right", 0))
     assert 0 < rows["all"]["chance"] <= 0.5
     assert len(d["positions"]["layers"]) == 7 and "| after layer 6 |" in proc.stdout
+    # the shape references: both asked of every one of the first 8 images with an object alone in its shape
+    from ivcprune.toy.evaluate import shape_references
+
+    asked = sum(shape_references(s) is not None for s in samples[:8])
+    refs = d["shape_references"]
+    assert asked and [refs[k]["n"] for k in ("shape only", "colour and shape")] == [asked, asked]
+    assert all(refs[k].get(c, 0) <= asked for k in refs for c in ("right", "label names its colour"))
+    assert f"| colour and shape | {asked} |" in proc.stdout

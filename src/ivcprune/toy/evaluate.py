@@ -251,6 +251,20 @@ def ordinal_setting(sample) -> dict[str, Any]:
             "gap": min(b - a for a, b in zip(keys, keys[1:]))}
 
 
+SHAPE_REFERENCES = ("shape only", "colour and shape")
+
+
+def shape_references(sample) -> tuple[Any, dict[str, str]] | None:
+    """The first object of a synthetic scene that is the only one of its shape, and two references to it, both
+    unambiguous: by its shape alone ("the star") and by colour and shape ("the red star"). Ordinal expressions
+    name a shape and no colour; the pair asks whether a model can pick an object by its shape when nothing else
+    is asked. ``None`` when every shape in the scene appears more than once."""
+    for o in sample.objects:
+        if sum(p.shape == o.shape for p in sample.objects) == 1:
+            return o, dict(zip(SHAPE_REFERENCES, (f"the {o.shape}", f"the {o.color} {o.shape}"), strict=True))
+    return None
+
+
 def heldout_linear_fit(x: torch.Tensor, y: torch.Tensor, n_fit: int, ridge: float = 1.0) -> tuple[float, float]:
     """A ridge regression of ``y`` on ``x`` (standardised on the first ``n_fit`` rows, with a bias), fitted on
     those rows and scored on the rest: (R^2, mean absolute error) on the held-out rows."""
